@@ -1,0 +1,51 @@
+# The two commands of the README: `make demo` and `make test`.
+# Both create .venv when missing and install what is needed, on a machine with
+# only Python 3.11, pip and root apt-get.
+
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.bmetrack-installed
+DEMO_DIR ?= demo-output
+# Debian packages the report (WeasyPrint) and the test suite need.
+APT_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b fonts-dejavu-core
+
+.PHONY: demo test lint typecheck unit system-deps benchmark clean
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(STAMP)
+
+system-deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ]; then \
+	    echo "Installing Debian packages:$$missing"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  else \
+	    echo "Missing Debian packages:$$missing (run: sudo apt-get install$$missing)"; exit 1; \
+	  fi; \
+	fi
+
+demo: system-deps $(STAMP)
+	$(BIN)/bmetrack demo --out $(DEMO_DIR)
+
+lint: $(STAMP)
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+typecheck: $(STAMP)
+	$(BIN)/mypy
+
+unit: system-deps $(STAMP)
+	$(BIN)/pytest -n 2 --dist loadfile --timeout 900
+
+test: lint typecheck unit
+
+benchmark: system-deps $(STAMP)
+	$(BIN)/python benchmarks/analysis_scale.py
+
+clean:
+	rm -rf $(VENV) $(DEMO_DIR) .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,219 @@
+"""The command line: each command on real files and a real database."""
+
+import json
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bmetrack.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+
+
+@pytest.fixture
+def database(tmp_path) -> str:
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    result = invoke("db", "upgrade", "--db", url)
+    assert result.exit_code == 0, result.output
+    return url
+
+
+@pytest.fixture
+def cohort_csv(tmp_path) -> Path:
+    folder = tmp_path / "cohort"
+    result = invoke("simulate", "--out", folder, "--patients", "12", "--seed", "3")
+    assert result.exit_code == 0, result.output
+    return folder
+
+
+def _row_counts(url: str) -> dict[str, int]:
+    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
+        tables = [
+            row[0]
+            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        ]
+        return {t: connection.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+
+
+def test_version():
+    result = invoke("--version")
+    assert result.exit_code == 0
+    assert "bmetrack 0." in result.output
+
+
+def test_template_explains_every_column():
+    result = invoke("template", "clinical")
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    comments = [line for line in lines if line.startswith("#")]
+    header = next(line for line in lines if not line.startswith("#"))
+    for column in header.split(","):
+        assert any(column in comment for comment in comments), column
+    assert "vas" in header and "analgesic_drugs" in header
+
+
+def test_unknown_template_is_a_clear_error():
+    result = invoke("template", "visits")
+    assert result.exit_code == 2
+    assert "Unknown table 'visits'" in result.output
+
+
+def test_import_report_export_round_trip(tmp_path, database, cohort_csv):
+    result = invoke(
+        "import",
+        "--db",
+        database,
+        "--study",
+        "S1",
+        "--title",
+        "CLI study",
+        "--patients",
+        cohort_csv / "patients.csv",
+        "--procedures",
+        cohort_csv / "procedures.csv",
+        "--clinical",
+        cohort_csv / "clinical.csv",
+        "--measurements",
+        cohort_csv / "measurements.csv",
+    )
+    assert result.exit_code == 0, result.output
+    assert "patients: 12 rows - 12 created" in result.output
+
+    out = tmp_path / "report"
+    result = invoke("report", "--db", database, "--study", "S1", "--out", out, "--no-pdf")
+    assert result.exit_code == 0, result.output
+    results = json.loads((out / "results.json").read_text())
+    assert results["n_patients"] == 12
+    assert results["study"] == {"code": "S1", "title": "CLI study"}
+    assert (out / "report.html").exists()
+    assert not (out / "report.pdf").exists()
+
+    flat = tmp_path / "flat.csv"
+    result = invoke(
+        "export", "--db", database, "--study", "S1", "--format", "redcap", "--out", flat
+    )
+    assert result.exit_code == 0, result.output
+    assert "redcap_event_name" in flat.read_text().splitlines()[0]
+
+    # The REDCap export imports into a fresh database with the same content.
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    invoke("db", "upgrade", "--db", other)
+    result = invoke("import", "--db", other, "--study", "S1", "--redcap", flat)
+    assert result.exit_code == 0, result.output
+    counts, other_counts = _row_counts(database), _row_counts(other)
+    for table in ("patient", "procedure", "treated_level", "visit", "clinical_assessment"):
+        assert counts[table] == other_counts[table], table
+
+
+def test_bad_rows_are_all_listed_and_nothing_is_written(tmp_path, database, cohort_csv):
+    clinical = (cohort_csv / "clinical.csv").read_text().splitlines()
+    header = clinical[0].split(",")
+    vas = header.index("vas")
+    drugs = header.index("analgesic_drugs")
+    bad = [clinical[0]]
+    for i, line in enumerate(clinical[1:4]):
+        cells = line.split(",")
+        if i == 0:
+            cells[vas] = "11"
+        elif i == 1:
+            cells[drugs] = "tramadl"
+        else:
+            cells[vas] = "seven"
+        bad.append(",".join(cells))
+    (tmp_path / "bad.csv").write_text("\n".join(bad) + "\n")
+    before = _row_counts(database)
+    result = invoke(
+        "import",
+        "--db",
+        database,
+        "--study",
+        "S1",
+        "--patients",
+        cohort_csv / "patients.csv",
+        "--procedures",
+        cohort_csv / "procedures.csv",
+        "--clinical",
+        tmp_path / "bad.csv",
+    )
+    assert result.exit_code == 2
+    assert "3 problems, nothing was written" in result.output
+    assert "tramadl" in result.output
+    assert "seven" in result.output
+    assert _row_counts(database) == before
+
+
+def test_database_not_created_is_explained(tmp_path):
+    result = invoke("report", "--db", tmp_path / "none.db", "--study", "S", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "bmetrack db upgrade" in result.output
+
+
+def test_unknown_study_lists_existing(database, tmp_path):
+    result = invoke("report", "--db", database, "--study", "NOPE", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "No study 'NOPE'" in result.output
+
+
+def test_bad_setting_is_explained():
+    result = invoke("settings", "--set", "edema_k=2")
+    assert result.exit_code == 2
+    assert "Did you mean edema_k_sd" in result.output
+
+
+def test_settings_json_lists_registry():
+    result = invoke("settings", "--json", "--set", "edema_k_sd=2.5")
+    rows = {row["name"]: row for row in json.loads(result.output)}
+    assert rows["edema_k_sd"]["value"] == 2.5 and rows["edema_k_sd"]["changed"]
+
+
+def test_redcap_dictionary(tmp_path):
+    out = tmp_path / "dictionary.csv"
+    result = invoke("redcap-dictionary", "--out", out)
+    assert result.exit_code == 0
+    header = out.read_text().splitlines()[0]
+    assert header.startswith('"Variable / Field Name"') or header.startswith(
+        "Variable / Field Name"
+    )
+
+
+@pytest.mark.slow
+def test_demo_writes_everything_the_issue_lists(tmp_path):
+    """The installed console script, as `make demo` runs it."""
+    out = tmp_path / "demo"
+    script = Path(sys.executable).with_name("bmetrack")
+    completed = subprocess.run(
+        [str(script), "demo", "--out", str(out)], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    html = (out / "report.html").read_text()
+    assert "<img" in html and "data:image/png;base64," in html
+    assert "http://" not in html and "https://" not in html
+    assert (out / "report.pdf").read_bytes().startswith(b"%PDF")
+    figures = {p.name for p in (out / "figures").glob("*.png")}
+    assert {"bme_extent.png", "vas.png", "analgesics.png", "bme_trajectories.png"} <= figures
+    assert "bme_vas.png" in figures
+    assert list((out / "tables").glob("*.csv"))
+    results = json.loads((out / "results.json").read_text())
+    for key in (
+        "n_patients",
+        "n_vcf",
+        "n_subgroup",
+        "bme_present_percent",
+        "recurrences",
+        "vas_median",
+        "subgroup_correlations",
+    ):
+        assert key in results
+    row = results["subgroup_correlations"][0]
+    assert {"r", "ci_low", "ci_high", "p_value"} <= set(row)
+    assert (results["n_patients"], results["n_vcf"]) == (64, 89)
+    assert str(out / "report.html") in completed.stdout
+    assert str(out / "figures") in completed.stdout

@@ -36,6 +36,11 @@ def _child(n_patients: int, seed: int) -> None:
     from bmetrack.analysis.run import analyse_and_draw
     from bmetrack.simulate.cohort import CohortParameters, simulate_cohort
 
+    # Untimed warm-up: imports, font and template caches would otherwise land on the first size.
+    with tempfile.TemporaryDirectory() as folder:
+        analyse_and_draw(
+            simulate_cohort(CohortParameters(n_patients=16), seed=seed).frames, Path(folder)
+        )
     cohort = simulate_cohort(CohortParameters(n_patients=n_patients), seed=seed)
     rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     with tempfile.TemporaryDirectory() as folder:

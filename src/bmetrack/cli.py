@@ -338,6 +338,14 @@ def demo_command(
     n_patients: PatientsOption = 64,
     bme_pain_coupling: CouplingOption = 0.0,
     recurrence_probability: RecurrenceOption = 0.0,
+    images: Annotated[
+        bool,
+        typer.Option(
+            help="Measure BME from synthetic MRI with the built-in segmenter (experimental), "
+            "instead of importing the simulated values."
+        ),
+    ] = False,
+    workers: Annotated[int, typer.Option(help="Worker processes for the images.", min=1)] = 2,
     pdf: Annotated[bool, typer.Option(help="Also write report.pdf.")] = True,
 ) -> None:
     """Simulate the reference study, store it in a database and write the full report."""
@@ -345,8 +353,195 @@ def demo_command(
 
     with _reported_errors():
         parameters = _cohort_options(n_patients, None, bme_pain_coupling, recurrence_probability)
-        files = run_demo(out, parameters, seed=seed, write_pdf=pdf, progress=_progress_printer())
+        files = run_demo(
+            out,
+            parameters,
+            seed=seed,
+            images=images,
+            workers=workers,
+            write_pdf=pdf,
+            progress=_progress_printer(),
+        )
     _print_files(files)
+
+
+ImageOption = Annotated[
+    Path, typer.Option(help="A folder holding one DICOM series, or a NIfTI file (.nii/.nii.gz).")
+]
+LowestLevelOption = Annotated[
+    str | None,
+    typer.Option(
+        "--lowest-level",
+        help="Level of the lowest fully visible body, when the sacrum is not in view (e.g. L3).",
+    ),
+]
+
+
+@app.command("quantify")
+def quantify_command(
+    stir: ImageOption,
+    t1: ImageOption,
+    json_file: Annotated[
+        Path | None, typer.Option("--json", help="Write the JSON here (default: stdout).")
+    ] = None,
+    lowest_level: LowestLevelOption = None,
+    overlays: Annotated[
+        Path | None, typer.Option(help="Folder for one overlay PNG per vertebra.")
+    ] = None,
+    labels: Annotated[
+        Path | None,
+        typer.Option(
+            help="External label map (NIfTI, VerSe integers, e.g. SPINEPS seg-vert) to use "
+            "instead of the built-in segmenter."
+        ),
+    ] = None,
+    labels_subregions: Annotated[
+        Path | None,
+        typer.Option(help="SPINEPS seg-spine map: keeps only the vertebral bodies of --labels."),
+    ] = None,
+    set_: SetOption = None,
+) -> None:
+    """Segment, label and measure every vertebral body of one STIR + T1 study."""
+    import json
+
+    from bmetrack.imaging.errors import ImagingError
+    from bmetrack.imaging.quantify import load_image, quantify_study
+
+    try:
+        with _reported_errors():
+            study = quantify_study(
+                load_image(stir),
+                load_image(t1),
+                _settings(set_),
+                lowest_level=lowest_level,
+                labels=None if labels is None else load_image(labels),
+                label_subregions=None
+                if labels_subregions is None
+                else load_image(labels_subregions),
+            )
+            if overlays is not None:
+                from bmetrack.imaging.quantify import write_vertebra_overlays
+
+                write_vertebra_overlays(study, overlays)
+    except ImagingError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    text = json.dumps(study.to_contract_dict(), indent=2) + "\n"
+    if json_file is None:
+        sys.stdout.write(text)
+    else:
+        json_file.write_text(text, encoding="utf-8")
+
+
+@app.command("segment")
+def segment_command(
+    image: ImageOption,
+    out: Annotated[Path, typer.Option(help="Label map to write (.nii.gz).")],
+    contrast: Annotated[str, typer.Option(help="t1, t2 or stir.")] = "t1",
+    lowest_level: LowestLevelOption = None,
+) -> None:
+    """Write a label map of the vertebral bodies on the input's grid and print the levels."""
+    from bmetrack.imaging.errors import ImagingError
+    from bmetrack.imaging.nifti import write_nifti
+    from bmetrack.imaging.quantify import load_image
+    from bmetrack.imaging.segment import segment_vertebral_bodies
+
+    try:
+        with _reported_errors():
+            segmentation = segment_vertebral_bodies(
+                load_image(image), contrast, lowest_level=lowest_level
+            )
+            write_nifti(segmentation.labels, out)
+    except (ImagingError, ValueError) as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for warning in segmentation.warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+    typer.echo(" ".join(segmentation.levels))
+
+
+@app.command("import-dicom")
+def import_dicom_command(
+    path: Annotated[Path, typer.Argument(help="Folder of DICOM files (e.g. a PACS export).")],
+    study: StudyOption,
+    db: DbOption = None,
+    pseudonym_map: Annotated[
+        Path | None,
+        typer.Option(help="CSV with columns dicom_patient_id,patient_code."),
+    ] = None,
+    override: Annotated[
+        list[str] | None,
+        typer.Option(help="Sequence of a series as SERIES_UID=stir|t1|t2|other (repeatable)."),
+    ] = None,
+    strict: Annotated[bool, typer.Option(help="Abort (write nothing) on any rejection.")] = False,
+    dry_run: Annotated[bool, typer.Option(help="Check and report, write nothing.")] = False,
+    actor: ActorOption = "cli",
+    set_: SetOption = None,
+) -> None:
+    """File whole DICOM studies: patient by PatientID (or pseudonym map), visit by date."""
+    from bmetrack.settings import parse_assignments
+    from bmetrack.study.db import make_engine, require_current_schema
+    from bmetrack.study.dicom_import import DicomImportError, import_dicom
+
+    with _reported_errors():
+        engine = make_engine(db)
+        require_current_schema(engine)
+        try:
+            report = import_dicom(
+                engine,
+                study,
+                path,
+                actor=actor,
+                settings=_settings(set_),
+                pseudonym_map=pseudonym_map,
+                sequence_overrides=parse_assignments(override or []),
+                dry_run=dry_run,
+                strict=strict,
+            )
+        except DicomImportError as error:
+            err_console.print(error.report.summary(), highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    typer.echo(report.summary())
+
+
+@app.command("quantify-all")
+def quantify_all_command(
+    study: StudyOption,
+    db: DbOption = None,
+    workers: Annotated[int, typer.Option(help="Parallel worker processes.", min=1)] = 1,
+    overlays: Annotated[
+        Path | None, typer.Option(help="Folder for overlay PNGs (patient/date/level.png).")
+    ] = None,
+    set_: SetOption = None,
+    actor: ActorOption = "pipeline",
+) -> None:
+    """Measure every filed imaging session that has no automatic measurement yet."""
+    from rich.progress import Progress
+
+    from bmetrack.pipeline import quantify_all
+    from bmetrack.study.db import make_engine, require_current_schema
+
+    with _reported_errors():
+        engine = make_engine(db)
+        require_current_schema(engine)
+        with Progress(console=err_console, transient=True) as bar:
+            task = bar.add_task("measuring imaging sessions", total=None)
+
+            def advance(done: int, total: int) -> None:
+                bar.update(task, completed=done, total=total)
+
+            report = quantify_all(
+                engine,
+                study,
+                settings=_settings(set_),
+                workers=workers,
+                overlay_dir=overlays,
+                actor=actor,
+                progress=advance,
+            )
+    typer.echo(report.summary())
+    if report.failed:
+        raise typer.Exit(1)
 
 
 def _print_files(files: Any) -> None:

@@ -1,0 +1,594 @@
+"""Segmentation of vertebral bodies and level labelling on sagittal spine MRI (METHOD.md 2).
+
+A classical, weight-free pipeline (no learned component, nothing downloaded):
+
+1. Axes are reordered from the affine so that the work array runs left-right, superior ->
+   inferior, anterior -> posterior; the in-plane grid is reduced to about 1.25 mm.
+2. Intensities are divided by a heavy Gaussian bias estimate and scaled to the foreground
+   median (arbitrary scanner scaling and smooth coil shading disappear).
+3. The spinal canal is the best smooth S-I path of a bar darker (T1) or brighter (STIR, T2)
+   than both flanks; the slice holding the best path is the mid-sagittal plane.
+4. The column is straightened along the canal; the canal's anterior wall bounds the bodies
+   posteriorly (posterior elements excluded); discs are the narrow bands of the body band's
+   profile, chained by dynamic programming with a spacing prior (fills missed discs, rejects
+   bands inside fractured or edematous bodies).
+5. Each body is delineated between its discs by a marker-controlled watershed (tolerant to
+   edema and cement, whose signal differs but whose position is inside the body), holes
+   filled, and propagated laterally slice by slice.
+6. Levels are counted upward from S1 when the sacrum (a long fused bony segment with no disc
+   below the lowest disc) is in view, else from ``lowest_level``, else named V1..Vn.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from scipy import ndimage
+
+from bmetrack.anatomy import LEVEL_LABELS, label_from_level, normalise_level
+from bmetrack.imaging.segment_delineate import BodyMask, BodySpan, delineate_body
+from bmetrack.imaging.segment_detect import (
+    Discs,
+    anterior_wall_mm,
+    band_profile,
+    canal_centreline,
+    detect_discs,
+    disc_lines,
+    normalise_intensity,
+    straighten,
+)
+from bmetrack.imaging.segment_geometry import (
+    SegmentationError,
+    canonicalise,
+    uncanonicalise,
+)
+from bmetrack.imaging.volume import Volume
+
+__all__ = [
+    "METHOD_VERSION",
+    "UNNAMED_LABEL_OFFSET",
+    "Contrast",
+    "Segmentation",
+    "SegmentationError",
+    "segment_vertebral_bodies",
+]
+
+METHOD_VERSION = "bmetrack-classic-1.0"
+#: Unnamed levels V1..Vn (no sacrum, no anchor) get labels 101..100+n (no VerSe integer).
+UNNAMED_LABEL_OFFSET = 100
+
+# In-plane step (mm) of the work grid: finer inputs are reduced to it.
+_WORK_STEP_MM = 1.25
+# Bony length (in vertebral periods) below the lowest disc that makes it the sacrum.
+_SACRUM_MIN_PERIODS = 1.0
+# With T1 + STIR, S1 alone (field of view ending below it) is enough.
+_SACRUM_MIN_PERIODS_PAIR = 0.7
+# A chained disc position with less than this fraction of the median disc score is void.
+_VOID_DISC_FRACTION = 0.15
+# A body between the two lowest discs must be this bone-like (fraction of its height).
+_MIN_BONE_FRACTION = 0.5
+# Below all three (disc autocorrelation peak, median disc contrast in robust SD, mean canal
+# response) there is no spine: pure noise scores about 0.2-0.37, 0.8-1.5 and 0.8-1.1.
+_MIN_PERIODICITY = 0.4
+_MIN_DISC_SCORE = 2.0
+_MIN_CANAL_SCORE = 1.15
+
+FloatArray = npt.NDArray[np.float64]
+
+
+class Contrast(StrEnum):
+    """MR contrast of the image to segment."""
+
+    T1 = "t1"
+    T2 = "t2"
+    STIR = "stir"
+
+
+@dataclass
+class Segmentation:
+    """Result of `segment_vertebral_bodies`.
+
+    Attributes
+    ----------
+    labels : Volume
+        int16 label map on the input grid: VerSe integers of the fully visible vertebral
+        bodies (posterior elements excluded), 0 elsewhere.  Unnamed levels V1..Vn get
+        ``UNNAMED_LABEL_OFFSET + n``.
+    levels : list of str
+        Levels of the labelled bodies, bottom-up (e.g. ``["S1", "L5", "L4"]``).
+    partial : list of str
+        Levels of bodies cut by the field of view (not labelled).
+    warnings : list of str
+        Anything the user should check (no anchor, anchor disagreement, weak detection...).
+    method_version : str
+        Algorithm name and version.
+    parameters : dict
+        Settings and derived quantities used (contrast, period, mid-sagittal slice...).
+    """
+
+    labels: Volume
+    levels: list[str]
+    partial: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    method_version: str = METHOD_VERSION
+    parameters: dict[str, Any] = field(default_factory=dict)
+
+
+# Cranio-caudal order of the normal levels (L6 only when the user names it).
+_NORMAL_ORDER = [lev for lev in LEVEL_LABELS if lev != "L6"]
+
+
+def _names_upward(lowest: str, n: int) -> list[str | None]:
+    """``n`` level names bottom-up starting at ``lowest`` (None above C1)."""
+    order = list(_NORMAL_ORDER)
+    if lowest == "L6":
+        order.insert(order.index("S1"), "L6")
+    i = order.index(lowest)
+    return [order[i - j] if i - j >= 0 else None for j in range(n)]
+
+
+def _work_image(
+    canon: npt.NDArray[np.float32], spacing_mm: tuple[float, float, float]
+) -> tuple[npt.NDArray[np.float32], tuple[float, float, float]]:
+    """In-plane reduction of the canonical image to about `_WORK_STEP_MM` (never enlarged)."""
+    zoom = [1.0] + [min(1.0, s / _WORK_STEP_MM) for s in spacing_mm[1:]]
+    if zoom[1] == 1.0 and zoom[2] == 1.0:
+        return canon, spacing_mm
+    sigma = [0.0] + [max(0.0, (1.0 / z - 1.0) / 2.0) for z in zoom[1:]]
+    smooth = ndimage.gaussian_filter(canon, sigma, mode="nearest")
+    work = ndimage.zoom(smooth, zoom, order=1, mode="nearest", grid_mode=True)
+    step = (
+        spacing_mm[0],
+        spacing_mm[1] * canon.shape[1] / work.shape[1],
+        spacing_mm[2] * canon.shape[2] / work.shape[2],
+    )
+    return work.astype(np.float32), step
+
+
+def _to_full(
+    body: BodyMask, work_shape: tuple[int, ...], full_shape: tuple[int, ...]
+) -> tuple[npt.NDArray[np.bool_], tuple[slice, slice, slice]]:
+    """Body mask on the full canonical grid (linear interpolation of the work mask, > 0.5)."""
+    fr = full_shape[1] / work_shape[1]
+    fc = full_shape[2] / work_shape[2]
+    r0, c0 = body.origin
+    br, bc = body.mask.shape[1:]
+    fr0, fr1 = max(0, int(np.floor((r0 - 0.5) * fr))), min(full_shape[1], int((r0 + br) * fr) + 1)
+    fc0, fc1 = max(0, int(np.floor((c0 - 0.5) * fc))), min(full_shape[2], int((c0 + bc) * fc) + 1)
+    k0, k1 = body.slices
+    rr = (np.arange(fr0, fr1) + 0.5) / fr - 0.5 - r0
+    cc = (np.arange(fc0, fc1) + 0.5) / fc - 0.5 - c0
+    grid_r, grid_c = np.meshgrid(rr, cc, indexing="ij")
+    out = np.zeros((k1 - k0 + 1, fr1 - fr0, fc1 - fc0), dtype=bool)
+    for k in range(k0, k1 + 1):
+        m = body.mask[k].astype(np.float32)
+        out[k - k0] = ndimage.map_coordinates(m, [grid_r, grid_c], order=1, cval=0.0) > 0.5
+    return out, (slice(k0, k1 + 1), slice(fr0, fr1), slice(fc0, fc1))
+
+
+def segment_vertebral_bodies(
+    image: Volume,
+    contrast: str | Contrast = "t1",
+    *,
+    lowest_level: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    other: Volume | None = None,
+    other_contrast: str | Contrast | None = None,
+) -> Segmentation:
+    """Segment and label the vertebral bodies of a sagittal spine MRI.
+
+    Parameters
+    ----------
+    image : Volume
+        Sagittal T1, T2 or STIR image (any axis order or flips; directions from the affine).
+    contrast : {"t1", "t2", "stir"} or Contrast
+        Contrast of ``image``: sets the expected polarity of CSF and discs.
+    lowest_level : str, optional
+        Name of the lowest fully visible body (e.g. ``"L2"``), used when no sacrum is in view.
+    settings : mapping, optional
+        Method settings (`bmetrack.settings.resolve_settings`); recorded in ``parameters``.
+        No segmentation setting is currently read from it.
+    other : Volume, optional
+        A second sequence of the same study on the SAME grid as ``image`` (resample first;
+        NaN outside its field of view is allowed).  With one T1 and one fluid-sensitive
+        (STIR/T2) image, the canal is found on the fluid image (bright CSF), discs on the T1
+        image (discs darker than marrow) and bodies are delineated on both.
+    other_contrast : {"t1", "t2", "stir"} or Contrast, optional
+        Contrast of ``other``; required with ``other`` and must differ from ``contrast`` in
+        being T1 vs fluid-sensitive.
+
+    Returns
+    -------
+    Segmentation
+
+    Raises
+    ------
+    SegmentationError
+        When the image is not sagittal, is too small, or no spine is found in it.
+    ValueError
+        For an unknown ``contrast`` or ``lowest_level``.
+    """
+    try:
+        con = Contrast(str(contrast).lower())
+    except ValueError:
+        msg = f"contrast must be one of t1, t2, stir; got {contrast!r}"
+        raise ValueError(msg) from None
+    anchor = normalise_level(lowest_level) if lowest_level is not None else None
+    pair = _pair_roles(image, con, other, other_contrast)
+    canon, geo = canonicalise(image)
+    n_sl, n_r, n_c = canon.shape
+    extent = (n_r * geo.spacing_mm[1], n_c * geo.spacing_mm[2])
+    if min(extent) < 60.0:
+        msg = (
+            f"image field of view {extent[0]:.0f} x {extent[1]:.0f} mm is too small to hold "
+            "vertebral bodies (need at least 60 mm in-plane); give the whole sagittal series"
+        )
+        raise SegmentationError(msg)
+    work, wsp = _work_image(canon, geo.spacing_mm)
+    norm, _ = normalise_intensity(work, wsp)
+    fluid_norm: npt.NDArray[np.float32] | None = None
+    if pair is not None:
+        other_canon, _ = canonicalise(pair)
+        other_work, _ = _work_image(np.nan_to_num(other_canon, nan=0.0), geo.spacing_mm)
+        other_norm, _ = normalise_intensity(other_work, wsp)
+        # From here on ``norm`` is the T1 image and ``fluid_norm`` the STIR/T2 image.
+        if con is Contrast.T1:
+            fluid_norm = other_norm
+        else:
+            fluid_norm, norm = norm, other_norm
+    canal_polarity = -1.0 if (con is Contrast.T1 and pair is None) else 1.0
+    canal_image = fluid_norm if fluid_norm is not None else norm
+    canal = canal_centreline(canal_image, wsp, canal_polarity)
+    mid_k, canal_score = canal.plane, canal.score
+    frame, straight = straighten(norm, canal, wsp)
+    centre_sl = range(max(0, mid_k - 1), min(n_sl, mid_k + 2))
+    near = [k for k in centre_sl if abs(k - mid_k) * wsp[0] <= 4.0] or [mid_k]
+    mid_plane = straight[near].mean(axis=0).astype(np.float64)
+    if fluid_norm is not None:
+        _, fluid_straight = straighten(fluid_norm, canal, wsp)
+        fluid_mid = fluid_straight[near].mean(axis=0).astype(np.float64)
+        wall = anterior_wall_mm(fluid_mid, frame.depths_mm, 1.0)
+        disc_polarity: float | None = -1.0
+        line_polarity = -1.0
+    else:
+        wall = anterior_wall_mm(mid_plane, frame.depths_mm, canal_polarity)
+        disc_polarity = -1.0 if con is Contrast.T1 else None
+    profile = band_profile(mid_plane, frame.depths_mm, wall)
+    discs = detect_discs(profile, disc_polarity, frame.step_mm)
+    if fluid_norm is None:
+        line_polarity = discs.polarity
+    warnings: list[str] = []
+    centres = [float(c) for c in discs.centres]
+    median_score = float(np.median(discs.scores)) if len(discs.scores) else 0.0
+    if (
+        canal.periodicity < _MIN_PERIODICITY
+        and median_score < _MIN_DISC_SCORE
+        and canal.score < _MIN_CANAL_SCORE
+    ):
+        msg = (
+            "no spine found: neither a clear canal nor a regular series of intervertebral "
+            f"discs (canal score {canal.score:.2f}, disc periodicity {canal.periodicity:.2f}, "
+            f"median disc contrast {median_score:.2f}); check the contrast argument and that "
+            "the series is a sagittal spine MRI"
+        )
+        raise SegmentationError(msg)
+    if len(centres) < 2:
+        msg = (
+            "no spine found: fewer than two intervertebral discs detected along the canal; "
+            "check the contrast argument and that the series covers the spine"
+        )
+        raise SegmentationError(msg)
+    period = discs.period_mm / frame.step_mm
+    n_s = len(frame.points)
+    centres = _extend_upward(centres, discs.score_curve, np.median(profile, axis=1), period)
+    flat_t1 = np.median(profile, axis=1)
+    sacrum_periods = _SACRUM_MIN_PERIODS
+    weak_cut: list[float] | None = None
+    if fluid_norm is not None:
+        fluid_profile = band_profile(fluid_mid, frame.depths_mm, wall)
+        centres = _trim_non_bone(centres, [flat_t1, np.median(fluid_profile, axis=1)])
+        sacrum_periods = _SACRUM_MIN_PERIODS_PAIR
+        weak_cut = _cut_at_void_disc(centres, discs)
+        if weak_cut is not None:
+            centres = weak_cut
+    has_sacrum, centres = _find_sacrum(centres, discs, period, flat_t1, sacrum_periods)
+    if fluid_norm is not None and not has_sacrum and weak_cut is not None:
+        has_sacrum = True
+    below = (n_s - 1) - centres[-1]
+    lines = disc_lines(mid_plane, frame.depths_mm, wall, centres, line_polarity, frame.step_mm)
+    if has_sacrum:
+        # S1 ends at the S1-S2 junction: a thin dark line (fused endplates) 0.6-1.05 periods
+        # below L5-S1 on every sequence; parallel to the L5-S1 disc.
+        flat = np.median(profile, axis=1)
+        size = max(3, round(8.0 / frame.step_mm))
+        dark = ndimage.grey_closing(flat, size=size, mode="nearest") - flat
+        lo = int(centres[-1] + 0.6 * period)
+        hi = int(min(n_s - 1, centres[-1] + 1.05 * period))
+        s1_end = lo + int(np.argmax(dark[lo : hi + 1])) if hi > lo else lo
+        slope = lines[-1][1]
+        a_end = float(s1_end) - slope * 15.0  # the line passes s1_end 15 mm in front of the wall
+        lines.append((a_end, slope))
+        centres = [*centres, float(s1_end)]
+    half_mm = {float(c): 0.5 * w for c, w in zip(discs.centres, discs.widths_mm, strict=True)}
+    margins = [(half_mm.get(c, 3.0) + 2.0) / frame.step_mm for c in centres]
+    spans = [
+        BodySpan(lines[i], lines[i + 1], margins[i], margins[i + 1]) for i in range(len(lines) - 1)
+    ]
+    partial_top = centres[0] * frame.step_mm > 6.0
+    partial_bottom = (not has_sacrum) and below * frame.step_mm > 6.0
+
+    grad = np.empty_like(norm)
+    for k in range(n_sl):
+        grad[k] = ndimage.gaussian_gradient_magnitude(
+            norm[k], (1.0 / wsp[1], 1.0 / wsp[2]), mode="nearest"
+        )
+        if fluid_norm is not None:
+            # Edges of either sequence bound a body (edema moves the T1 edge, not the STIR one).
+            g2 = ndimage.gaussian_gradient_magnitude(
+                fluid_norm[k], (1.0 / wsp[1], 1.0 / wsp[2]), mode="nearest"
+            )
+            grad[k] = np.sqrt(grad[k] ** 2 + g2**2)
+    bodies: list[BodyMask | None] = [
+        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0]) for sp in spans
+    ]
+
+    # Names, bottom-up.
+    n_bodies = len(spans)
+    if has_sacrum:
+        names = _names_upward("S1", n_bodies + 1)
+        if anchor is not None and anchor != "S1":
+            warnings.append(
+                f"lowest_level {anchor} ignored: the sacrum is in view, so levels are counted "
+                "upward from S1"
+            )
+    elif anchor is not None:
+        names = _names_upward(anchor, n_bodies + 1)
+    else:
+        names = [f"V{i + 1}" for i in range(n_bodies + 1)]
+        warnings.append(
+            "no sacrum in the field of view and no lowest_level given: bodies are named "
+            "V1..Vn bottom-up; give lowest_level to name them"
+        )
+    bottom_up = list(range(n_bodies - 1, -1, -1))
+    out = np.zeros(canon.shape, dtype=np.int16)
+    levels: list[str] = []
+    for rank, idx in enumerate(bottom_up):
+        name = names[rank]
+        body = bodies[idx]
+        if name is None or body is None:
+            if body is None:
+                warnings.append(f"body {name} between two discs could not be delineated")
+            continue
+        label = (
+            label_from_level(name)
+            if not name.startswith("V")
+            else UNNAMED_LABEL_OFFSET + int(name[1:])
+        )
+        mask, box = _to_full(body, norm.shape, canon.shape)
+        region = out[box]
+        region[mask & (region == 0)] = label
+        levels.append(name)
+    partial: list[str] = []
+    if partial_bottom:
+        partial.append(_name_below(names[0]))
+    if partial_top:
+        top = names[n_bodies] if n_bodies < len(names) else None
+        partial.append(top if top is not None else "above")
+    for p in partial:
+        warnings.append(f"body {p} only partly in the field of view: left out")
+    labels = image.with_array(uncanonicalise(out, geo))
+    params: dict[str, Any] = {
+        "contrast": con.value,
+        "other_contrast": None if pair is None else str(Contrast(str(other_contrast).lower())),
+        "lowest_level": anchor,
+        "sacrum_found": bool(has_sacrum),
+        "period_mm": round(float(discs.period_mm), 2),
+        "mid_sagittal_slice_canonical": int(mid_k),
+        "canal_score": round(float(canal_score), 3),
+        "disc_periodicity": round(float(canal.periodicity), 3),
+        "disc_scores": [round(float(x), 2) for x in discs.scores],
+        "work_step_mm": [round(float(s), 4) for s in wsp],
+        "settings": dict(settings) if settings is not None else {},
+    }
+    return Segmentation(labels, levels, partial, warnings, METHOD_VERSION, params)
+
+
+def _pair_roles(
+    image: Volume,
+    con: Contrast,
+    other: Volume | None,
+    other_contrast: str | Contrast | None,
+) -> Volume | None:
+    """Check the optional second sequence; return it when it pairs T1 with STIR/T2."""
+    if other is None:
+        return None
+    if other_contrast is None:
+        msg = "other_contrast is required with other; give 't1', 't2' or 'stir'"
+        raise ValueError(msg)
+    try:
+        ocon = Contrast(str(other_contrast).lower())
+    except ValueError:
+        msg = f"other_contrast must be one of t1, t2, stir; got {other_contrast!r}"
+        raise ValueError(msg) from None
+    if (ocon is Contrast.T1) == (con is Contrast.T1):
+        msg = (
+            f"other_contrast {ocon.value!r} must complement contrast {con.value!r}: one T1 and "
+            "one STIR or T2 image"
+        )
+        raise ValueError(msg)
+    if tuple(other.array.shape) != tuple(image.array.shape) or not np.allclose(
+        other.affine, image.affine, atol=1e-3
+    ):
+        msg = (
+            f"other must be on the grid of image (shape {tuple(image.array.shape)}); got shape "
+            f"{tuple(other.array.shape)} or another affine: resample it with "
+            "other.resample_to(image, order=1)"
+        )
+        raise ValueError(msg)
+    return other
+
+
+def _extend_upward(
+    centres: list[float], score: FloatArray, profile: FloatArray, period: float
+) -> list[float]:
+    """Add discs above the chain where the column continues but discs are faint.
+
+    Dehydrated discs can be invisible on STIR or T2: while a whole period above the top disc
+    still has bone-like band signal (the range of the bodies found), a disc is placed at the
+    best score within a quarter period of one period above.
+    """
+    out = list(centres)
+    if len(out) < 3:
+        return out
+    bodies = np.zeros(len(profile), dtype=bool)
+    for a, b in itertools.pairwise(out):
+        bodies[int(a + 0.3 * (b - a)) : int(b - 0.3 * (b - a)) + 1] = True
+    vals = profile[bodies]
+    q_lo, q_hi = np.percentile(vals, [5, 95])
+    spread = max(q_hi - q_lo, 0.25 * abs(float(np.median(vals))))
+    inside = (profile >= q_lo - 0.5 * spread) & (profile <= q_hi + 0.5 * spread)
+    while True:
+        guess = out[0] - period
+        lo, hi = round(guess - 0.25 * period), round(guess + 0.25 * period)
+        if lo < 0:
+            break
+        body = inside[int(guess + 0.3 * period) : int(out[0] - 0.3 * period) + 1]
+        if body.size == 0 or body.mean() < 0.8:
+            break
+        out.insert(0, float(lo + int(np.argmax(score[lo : hi + 1]))))
+    return out
+
+
+def _inside_bone(centres: list[float], profile: FloatArray) -> npt.NDArray[np.bool_]:
+    """Arc steps whose band signal lies within the range of the bodies between ``centres``."""
+    bodies = np.zeros(len(profile), dtype=bool)
+    for a, b in itertools.pairwise(centres):
+        bodies[int(a + 0.3 * (b - a)) : int(b - 0.3 * (b - a)) + 1] = True
+    if not bodies.any():
+        return np.ones(len(profile), dtype=bool)
+    vals = profile[bodies]
+    q_lo, q_hi = np.percentile(vals, [5, 95])
+    spread = max(q_hi - q_lo, 0.25 * abs(float(np.median(vals))))
+    inside: npt.NDArray[np.bool_] = (profile >= q_lo - 0.5 * spread) & (
+        profile <= q_hi + 0.5 * spread
+    )
+    return inside
+
+
+def _cut_at_void_disc(centres: list[float], discs: Discs) -> list[float] | None:
+    """Chain ending above a near-void "disc" among the lowest five, or None.
+
+    On T1 every true disc is darker than marrow; a chained position with almost no disc
+    contrast there is a gap the spacing prior filled: a fused sacral segment or tissue past
+    the column.  The chain stops above it (the highest such position) and S1 follows.
+    """
+    score_of = {float(c): float(v) for c, v in zip(discs.centres, discs.scores, strict=True)}
+    scores = [score_of.get(float(c), np.nan) for c in centres]
+    known = [v for v in scores if np.isfinite(v)]
+    if len(known) < 5:
+        return None
+    ref = float(np.median(known))
+    start = max(3, len(centres) - 5)
+    for i in range(start, len(centres)):
+        if np.isfinite(scores[i]) and scores[i] < _VOID_DISC_FRACTION * ref:
+            return list(centres[:i])
+    return None
+
+
+def _trim_non_bone(centres: list[float], profiles: list[FloatArray]) -> list[float]:
+    """Drop the lowest discs while the 'body' above them is no bone on any sequence.
+
+    Past the sacrum the frame runs into pelvic soft tissue and bowel, whose texture can
+    mimic discs; a real body (even edematous or cemented) stays in the bone range on at least
+    one of T1 and STIR for most of its height.
+    """
+    out = list(centres)
+    while len(out) > 3:
+        ref = out[:-1]
+        a, b = out[-2], out[-1]
+        lo, hi = int(a + 0.2 * (b - a)), int(b - 0.2 * (b - a)) + 1
+        frac = max(float(_inside_bone(ref, p)[lo:hi].mean()) for p in profiles)
+        if frac >= _MIN_BONE_FRACTION:
+            break
+        out.pop()
+    return out
+
+
+def _find_sacrum(
+    centres: list[float],
+    discs: Discs,
+    period: float,
+    profile: FloatArray,
+    min_periods: float = 1.0,
+) -> tuple[bool, list[float]]:
+    """Whether the sacrum is below the lowest true disc, and the disc centres above it.
+
+    The sacrum is fused: below the L5-S1 disc, bone continues for more than a vertebral period
+    with no disc in it.  Bone is recognised by the band profile staying within the range of
+    the bodies above (so the end of the field of view or soft tissue stops it).  Fused
+    segments can leave a thin remnant disc (S1-S2) that the disc chain picks up; a lowest
+    "disc" markedly weaker or thinner than the others, with bone below it, is taken for such
+    a remnant and dropped (at most two, so real discs survive).
+    """
+    kept = list(centres)
+    scores = list(discs.scores)
+    widths = list(discs.widths_mm)
+    for _ in range(2):
+        if len(kept) < 4:
+            break
+        ref_score = float(np.median(scores[:-1]))
+        ref_width = float(np.median(widths[:-1]))
+        weak = scores[-1] < 0.6 * ref_score or widths[-1] < 0.5 * ref_width
+        if weak and _bony_length(kept, profile, period) >= 0.5 * period:
+            kept.pop()
+            scores.pop()
+            widths.pop()
+        else:
+            break
+    if _bony_length(kept, profile, period) >= min_periods * period:
+        return True, kept
+    return False, list(centres)
+
+
+def _bony_length(centres: list[float], profile: FloatArray, period: float) -> float:
+    """Arc steps of bone-like band signal below the lowest disc (gaps of 6 steps bridged)."""
+    bodies = np.zeros(len(profile), dtype=bool)
+    for a, b in itertools.pairwise(centres):
+        lo, hi = int(a + 0.3 * (b - a)), int(b - 0.3 * (b - a))
+        bodies[lo : hi + 1] = True
+    if not bodies.any():
+        return 0.0
+    vals = profile[bodies]
+    q_lo, q_hi = np.percentile(vals, [5, 95])
+    spread = max(q_hi - q_lo, 0.25 * abs(float(np.median(vals))))
+    inside = (profile >= q_lo - 0.5 * spread) & (profile <= q_hi + 0.5 * spread)
+    start = int(centres[-1] + 0.25 * period)
+    length, gap = 0, 0
+    for i in range(start, len(profile)):
+        if inside[i]:
+            length, gap = i - start + 1, 0
+        else:
+            gap += 1
+            if gap > 6:
+                break
+    return float(length + 0.25 * period)
+
+
+def _name_below(lowest: str | None) -> str:
+    """Name of the partly visible body just below the lowest fully visible one."""
+    if lowest is None:
+        return "below"
+    if lowest.startswith("V"):
+        return "V0"
+    order = list(_NORMAL_ORDER)
+    if lowest == "L6":
+        return "S1"
+    if lowest in order and order.index(lowest) + 1 < len(order):
+        return order[order.index(lowest) + 1]
+    return "below"

@@ -433,6 +433,39 @@ def quantify_command(
         json_file.write_text(text, encoding="utf-8")
 
 
+@app.command("export-dicom")
+def export_dicom_command(
+    stir: Annotated[Path, typer.Option(help="Folder holding the STIR DICOM series.")],
+    t1: Annotated[Path, typer.Option(help="Folder holding the T1 DICOM series.")],
+    out: Annotated[Path, typer.Option(help="Folder for seg.dcm and sr.dcm.")],
+    labels: Annotated[
+        Path | None, typer.Option(help="External label map instead of the built-in segmenter.")
+    ] = None,
+    lowest_level: LowestLevelOption = None,
+    set_: SetOption = None,
+) -> None:
+    """Measure one study and write a DICOM Segmentation and a TID 1500 report for PACS."""
+    from bmetrack.imaging.dicom_export import write_dicom_exports
+    from bmetrack.imaging.errors import ImagingError
+    from bmetrack.imaging.quantify import load_image, quantify_study
+
+    try:
+        with _reported_errors():
+            study = quantify_study(
+                load_image(stir),
+                load_image(t1),
+                _settings(set_),
+                lowest_level=lowest_level,
+                labels=None if labels is None else load_image(labels),
+            )
+            paths = write_dicom_exports(stir, study, out, t1_folder=t1)
+    except ImagingError as error:
+        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2) from None
+    for name, path in paths.items():
+        typer.echo(f"{name}  {path}")
+
+
 @app.command("segment")
 def segment_command(
     image: ImageOption,
@@ -509,6 +542,18 @@ def quantify_all_command(
     study: StudyOption,
     db: DbOption = None,
     workers: Annotated[int, typer.Option(help="Parallel worker processes.", min=1)] = 1,
+    dask: Annotated[
+        str | None,
+        typer.Option(
+            "--dask",
+            metavar="ADDRESS",
+            help=(
+                "Run on the Dask cluster of this scheduler (tcp://host:8786) instead of local "
+                "processes (--workers is then ignored). Workers must see the DICOM files and "
+                "the overlay folder under the same paths."
+            ),
+        ),
+    ] = None,
     overlays: Annotated[
         Path | None, typer.Option(help="Folder for overlay PNGs (patient/date/level.png).")
     ] = None,
@@ -535,6 +580,7 @@ def quantify_all_command(
                 study,
                 settings=_settings(set_),
                 workers=workers,
+                dask_address=dask,
                 overlay_dir=overlays,
                 actor=actor,
                 progress=advance,
@@ -542,6 +588,48 @@ def quantify_all_command(
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(1)
+
+
+user_app = typer.Typer(help="Users of the web app.", no_args_is_help=True)
+app.add_typer(user_app, name="user")
+
+
+@user_app.command("add")
+def user_add(
+    username: Annotated[str, typer.Argument(help="Login name (letters, digits, . - _).")],
+    role: Annotated[
+        str, typer.Option("--role", help="admin, radiologist, data_entry or viewer.")
+    ] = "admin",
+    db: DbOption = None,
+    actor: ActorOption = "cli",
+) -> None:
+    """Create a web app user (e.g. the first admin); the password is asked twice."""
+    from bmetrack.study import db as database
+    from bmetrack.study.users import create_user
+
+    password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    with _reported_errors():
+        engine = database.make_engine(db)
+        database.require_current_schema(engine)
+        with database.session_scope(engine) as session:
+            create_user(session, username, password, role, actor=actor)
+    console.print(f"User {username} ({role}) created.", highlight=False)
+
+
+@app.command("serve")
+def serve(
+    db: DbOption = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+) -> None:
+    """Serve the web app (log in with a user made by 'bmetrack user add')."""
+    import uvicorn
+
+    from bmetrack.web.app import create_app
+
+    with _reported_errors():
+        web_app = create_app(db)
+    uvicorn.run(web_app, host=host, port=port, log_level="info")
 
 
 def _print_files(files: Any) -> None:

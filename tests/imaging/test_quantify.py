@@ -155,3 +155,32 @@ def test_quantify_cli_bad_input_is_one_line(tmp_path):
     )
     assert result.exit_code == 2
     assert "does not exist" in result.output
+
+
+@pytest.mark.slow
+def test_export_dicom_cli_writes_seg_and_sr(phantom, tmp_path):
+    import pydicom
+
+    paths = phantom.write_dicom(tmp_path / "study", patient_id="P1", study_date="20200101")
+    nifti = phantom.write_nifti(tmp_path / "nii")
+    result = CliRunner().invoke(
+        app,
+        [
+            "export-dicom",
+            "--stir",
+            str(paths["stir"]),
+            "--t1",
+            str(paths["t1"]),
+            "--labels",
+            str(nifti["labels"]),
+            "--out",
+            str(tmp_path / "export"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    seg = pydicom.dcmread(tmp_path / "export" / "seg.dcm")
+    sr = pydicom.dcmread(tmp_path / "export" / "sr.dcm")
+    assert seg.Modality == "SEG" and sr.Modality == "SR"
+    stir_uid = pydicom.dcmread(next(paths["stir"].iterdir())).SeriesInstanceUID
+    referenced = {item.SeriesInstanceUID for item in seg.ReferencedSeriesSequence}
+    assert stir_uid in referenced

@@ -4,9 +4,11 @@ import json
 import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 from typer.testing import CliRunner
 
 from bmetrack.cli import app
@@ -18,9 +20,22 @@ def invoke(*args: str):
     return runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def new_database(request, tmp_path) -> Callable[[], str]:
+    """Factory of URLs of empty databases (no tables) on SQLite or a real PostgreSQL."""
+    names = iter(range(1000))
+
+    def make() -> str:
+        if request.param == "sqlite":
+            return f"sqlite:///{tmp_path / f'study{next(names)}.db'}"
+        return request.getfixturevalue("postgres_database")(migrated=False)
+
+    return make
+
+
 @pytest.fixture
-def database(tmp_path) -> str:
-    url = f"sqlite:///{tmp_path / 'study.db'}"
+def database(new_database) -> str:
+    url = new_database()
     result = invoke("db", "upgrade", "--db", url)
     assert result.exit_code == 0, result.output
     return url
@@ -35,12 +50,18 @@ def cohort_csv(tmp_path) -> Path:
 
 
 def _row_counts(url: str) -> dict[str, int]:
-    with sqlite3.connect(url.removeprefix("sqlite:///")) as connection:
-        tables = [
-            row[0]
-            for row in connection.execute("SELECT name FROM sqlite_master WHERE type='table'")
-        ]
-        return {t: connection.execute(f"SELECT COUNT(*) FROM {t}").fetchone()[0] for t in tables}
+    engine = sa.create_engine(url)
+    try:
+        tables = sa.inspect(engine).get_table_names()
+        with engine.connect() as connection:
+            return {
+                t: connection.execute(
+                    sa.select(sa.func.count()).select_from(sa.table(t))
+                ).scalar_one()
+                for t in tables
+            }
+    finally:
+        engine.dispose()
 
 
 def test_version():
@@ -66,7 +87,7 @@ def test_unknown_template_is_a_clear_error():
     assert "Unknown table 'visits'" in result.output
 
 
-def test_import_report_export_round_trip(tmp_path, database, cohort_csv):
+def test_import_report_export_round_trip(tmp_path, database, new_database, cohort_csv):
     result = invoke(
         "import",
         "--db",
@@ -104,11 +125,12 @@ def test_import_report_export_round_trip(tmp_path, database, cohort_csv):
     assert "redcap_event_name" in flat.read_text().splitlines()[0]
 
     # The REDCap export imports into a fresh database with the same content.
-    other = f"sqlite:///{tmp_path / 'other.db'}"
-    invoke("db", "upgrade", "--db", other)
+    other = new_database()
+    assert invoke("db", "upgrade", "--db", other).exit_code == 0
     result = invoke("import", "--db", other, "--study", "S1", "--redcap", flat)
     assert result.exit_code == 0, result.output
     counts, other_counts = _row_counts(database), _row_counts(other)
+    assert counts["patient"] == 12
     for table in ("patient", "procedure", "treated_level", "visit", "clinical_assessment"):
         assert counts[table] == other_counts[table], table
 
@@ -150,8 +172,9 @@ def test_bad_rows_are_all_listed_and_nothing_is_written(tmp_path, database, coho
     assert _row_counts(database) == before
 
 
-def test_database_not_created_is_explained(tmp_path):
-    result = invoke("report", "--db", tmp_path / "none.db", "--study", "S", "--out", tmp_path)
+def test_database_not_created_is_explained(tmp_path, new_database):
+    target = new_database().removeprefix("sqlite:///")  # a bare path means a SQLite file
+    result = invoke("report", "--db", target, "--study", "S", "--out", tmp_path)
     assert result.exit_code == 2
     assert "bmetrack db upgrade" in result.output
 

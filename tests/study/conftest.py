@@ -1,4 +1,4 @@
-"""Fixtures of the study tests: a fresh migrated SQLite database and a tiny cohort."""
+"""Fixtures of the study tests: a fresh migrated database (SQLite and PostgreSQL), a cohort."""
 
 from __future__ import annotations
 
@@ -23,10 +23,12 @@ from bmetrack.study.models import (
     Visit,
 )
 
+BACKENDS = ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)]
+
 
 @pytest.fixture(scope="session")
 def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One database migrated with ``db.upgrade``; tests get copies (migrating is slow)."""
+    """One SQLite database migrated with ``db.upgrade``; tests get copies (migrating is slow)."""
     path = tmp_path_factory.mktemp("template") / "template.db"
     engine = db.make_engine(path)
     db.upgrade(engine)
@@ -34,15 +36,28 @@ def migrated_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The database every study test runs on: a SQLite file, then a real PostgreSQL."""
+    return str(request.param)
+
+
 @pytest.fixture
-def make_engine(tmp_path: Path, migrated_template: Path) -> Iterator[Callable[[str], Engine]]:
-    """Factory of fresh migrated SQLite databases in ``tmp_path``."""
+def make_engine(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> Iterator[Callable[[str], Engine]]:
+    """Factory of fresh migrated databases (SQLite files in ``tmp_path`` or PostgreSQL)."""
     engines: list[Engine] = []
 
     def make(name: str) -> Engine:
-        path = tmp_path / f"{name}.db"
-        shutil.copyfile(migrated_template, path)
-        engine = db.make_engine(path)
+        if backend == "sqlite":
+            path = tmp_path / f"{name}.db"
+            shutil.copyfile(request.getfixturevalue("migrated_template"), path)
+            engine = db.make_engine(path)
+        else:
+            # Looked up lazily so that SQLite-only runs never start a server.
+            engine = db.make_engine(request.getfixturevalue("postgres_database")())
+        assert engine.dialect.name == backend
         assert db.current_revision(engine) == db.head_revision()
         engines.append(engine)
         return engine
@@ -54,7 +69,7 @@ def make_engine(tmp_path: Path, migrated_template: Path) -> Iterator[Callable[[s
 
 @pytest.fixture
 def engine(make_engine: Callable[[str], Engine]) -> Engine:
-    """A new SQLite database file in ``tmp_path``, upgraded to the newest schema."""
+    """A new database (SQLite file or PostgreSQL), upgraded to the newest schema."""
     return make_engine("study")
 
 

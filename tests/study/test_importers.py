@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from sqlalchemy import Engine, select
+from sqlalchemy import Engine, select, text
 
 from bmetrack.study import importers, records
 from bmetrack.study.db import session_scope
@@ -249,6 +249,23 @@ _KILL_SCRIPT = textwrap.dedent(
 )
 
 
+def _transaction_in_progress(engine: Engine) -> bool:
+    """Whether another client holds an open write transaction on this database."""
+    if engine.dialect.name == "sqlite":
+        database = engine.url.database
+        assert database is not None
+        return Path(database + "-journal").exists() or Path(database + "-wal").exists()
+    with engine.connect() as connection:
+        n_open = connection.execute(
+            text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() "
+                "AND pid <> pg_backend_pid() AND state = 'idle in transaction' "
+                "AND backend_xid IS NOT NULL"
+            )
+        ).scalar_one()
+    return bool(n_open)
+
+
 def test_killed_import_leaves_database_unchanged(
     engine: Engine,
     tmp_path: Path,
@@ -263,10 +280,9 @@ def test_killed_import_leaves_database_unchanged(
     for name, frame in cohort_factory(20).items():
         frame.to_csv(big / f"{name}.csv", index=False, date_format="%Y-%m-%d")
     marker = tmp_path / "marker"
-    database = engine.url.database
-    assert database is not None
+    url = engine.url.render_as_string(hide_password=False)
     process = subprocess.Popen(
-        [sys.executable, "-c", _KILL_SCRIPT, database, str(big), str(marker)],
+        [sys.executable, "-c", _KILL_SCRIPT, url, str(big), str(marker)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
@@ -276,10 +292,11 @@ def test_killed_import_leaves_database_unchanged(
             assert process.poll() is None, process.communicate()
             assert time.monotonic() < deadline, "the import never reached the procedures"
             time.sleep(0.05)
-        # The journal now holds 20 uncommitted patients.
-        assert Path(database + "-journal").exists() or Path(database + "-wal").exists()
+        # 20 patients are now written but not committed.
+        assert _transaction_in_progress(engine)
     finally:
-        os.kill(process.pid, signal.SIGKILL)
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
         process.wait()
     assert process.returncode == -signal.SIGKILL
     engine.dispose()

@@ -128,7 +128,7 @@ def quantify_study(
     """Segment and measure every vertebral body of one study.
 
     T1 is resampled onto the STIR grid using both series' geometry (they need
-    not share it); bodies are segmented on that T1, or taken from ``labels``
+    not share it); bodies are segmented on both sequences, or taken from ``labels``
     (an external label map, see :mod:`bmetrack.imaging.labelmaps`), and edema,
     cement, rim and deformity are measured per METHOD.md 3-4.
     """
@@ -154,9 +154,12 @@ def quantify_study(
             source=str(labels.metadata.get("source_path", "")),
         )
     else:
+        # STIR finds the canal (bright CSF), T1 the discs; labels land on the STIR grid.
         segmentation = segment_vertebral_bodies(
-            t1_on_stir.with_array(np.nan_to_num(t1_on_stir.array, nan=0.0)),
-            "t1",
+            stir,
+            "stir",
+            other=t1_on_stir.with_array(np.nan_to_num(t1_on_stir.array, nan=0.0)),
+            other_contrast="t1",
             lowest_level=lowest_level,
             settings=settings,
         )

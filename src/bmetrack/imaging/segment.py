@@ -222,6 +222,8 @@ def segment_vertebral_bodies(
     anchor = normalise_level(lowest_level) if lowest_level is not None else None
     pair = _pair_roles(image, con, other, other_contrast)
     canon, geo = canonicalise(image)
+    # A sequence resampled onto another grid has NaN outside its own field of view.
+    canon = np.nan_to_num(canon, nan=0.0)
     n_sl, n_r, n_c = canon.shape
     extent = (n_r * geo.spacing_mm[1], n_c * geo.spacing_mm[2])
     if min(extent) < 60.0:
@@ -297,7 +299,10 @@ def segment_vertebral_bodies(
         weak_cut = _cut_at_void_disc(centres, discs)
         if weak_cut is not None:
             centres = weak_cut
-    has_sacrum, centres = _find_sacrum(centres, discs, period, flat_t1, sacrum_periods)
+    # With T1 + STIR every true disc is dark on T1 (also degenerated ones), so only a much
+    # weaker or thin lowest band is taken for a fused S1-S2 remnant.
+    thin, weak = (0.5, 0.6) if fluid_norm is None else (0.6, 0.3)
+    has_sacrum, centres = _find_sacrum(centres, discs, period, flat_t1, sacrum_periods, thin, weak)
     if fluid_norm is not None and not has_sacrum and weak_cut is not None:
         has_sacrum = True
     below = (n_s - 1) - centres[-1]
@@ -526,6 +531,8 @@ def _find_sacrum(
     period: float,
     profile: FloatArray,
     min_periods: float = 1.0,
+    thin_fraction: float = 0.5,
+    weak_fraction: float = 0.6,
 ) -> tuple[bool, list[float]]:
     """Whether the sacrum is below the lowest true disc, and the disc centres above it.
 
@@ -544,7 +551,7 @@ def _find_sacrum(
             break
         ref_score = float(np.median(scores[:-1]))
         ref_width = float(np.median(widths[:-1]))
-        weak = scores[-1] < 0.6 * ref_score or widths[-1] < 0.5 * ref_width
+        weak = scores[-1] < weak_fraction * ref_score or widths[-1] < thin_fraction * ref_width
         if weak and _bony_length(kept, profile, period) >= 0.5 * period:
             kept.pop()
             scores.pop()

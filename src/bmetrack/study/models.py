@@ -42,6 +42,8 @@ __all__ = [
     "ProcedureType",
     "Study",
     "TreatedLevel",
+    "User",
+    "UserRole",
     "VertebraMeasurement",
     "Visit",
     "WindowStatus",
@@ -372,3 +374,30 @@ class AuditEvent(Base):
     new_value: Mapped[str | None] = mapped_column(Text)
     reason: Mapped[str] = mapped_column(Text, default="")
     context: Mapped[str] = mapped_column(String(200), default="")
+
+
+class UserRole(enum.StrEnum):
+    """What a web user may do (checked server-side on every route)."""
+
+    ADMIN = "admin"
+    RADIOLOGIST = "radiologist"
+    DATA_ENTRY = "data_entry"
+    VIEWER = "viewer"
+
+
+class User(Base):
+    """A person who logs in to the web app; only a user name, never a patient identifier."""
+
+    __tablename__ = "app_user"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(256))
+    role: Mapped[UserRole] = mapped_column(_enum(UserRole, "user_role"))
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(DateTime, default=_utcnow)
+    row_version: Mapped[int] = mapped_column(Integer, default=1)
+
+    __mapper_args__ = {  # noqa: RUF012
+        "version_id_col": row_version
+    }

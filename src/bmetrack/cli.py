@@ -575,16 +575,27 @@ def quantify_all_command(
             def advance(done: int, total: int) -> None:
                 bar.update(task, completed=done, total=total)
 
-            report = quantify_all(
-                engine,
-                study,
-                settings=_settings(set_),
-                workers=workers,
-                dask_address=dask,
-                overlay_dir=overlays,
-                actor=actor,
-                progress=advance,
-            )
+            try:
+                report = quantify_all(
+                    engine,
+                    study,
+                    settings=_settings(set_),
+                    workers=workers,
+                    dask_address=dask,
+                    overlay_dir=overlays,
+                    actor=actor,
+                    progress=advance,
+                )
+            except OSError as error:
+                if dask is None:
+                    raise
+                err_console.print(
+                    f"[bold red]error:[/] cannot reach the Dask scheduler at {dask}: {error}. "
+                    "Start it (dask scheduler) or check the address.",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                raise typer.Exit(2) from None
     typer.echo(report.summary())
     if report.failed:
         raise typer.Exit(1)

@@ -1,18 +1,28 @@
 """Measure every filed imaging session not yet measured, and store the results.
 
 Each study is read, segmented and quantified in a worker of a
-``concurrent.futures`` Executor (a local process pool by default; any Executor
-with the same interface, such as a Dask client's, works), and stored by the
-parent in its own transaction as soon as it is done. A study that fails is
-reported and retried; nothing of it is stored, so a rerun picks it up again,
-and a rerun skips every session that already has automatic measurements.
+``concurrent.futures`` Executor (a local process pool, a Dask cluster given by
+its scheduler address, or any Executor with the same interface), and stored by
+the parent in its own transaction as soon as it is done. A study that fails,
+or whose worker dies, is retried and then reported; nothing of it is stored,
+so a rerun picks it up again, and a rerun skips every session that already
+has automatic measurements.
 """
 
 from __future__ import annotations
 
 import traceback
-from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, as_completed
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import (
+    FIRST_COMPLETED,
+    BrokenExecutor,
+    Executor,
+    Future,
+    ProcessPoolExecutor,
+    wait,
+)
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +132,10 @@ def pending_sessions(engine: Engine, study_code: str) -> list[SessionJob]:
         ]
 
 
+def _failure_detail(error: BaseException) -> str:
+    return "".join(traceback.format_exception_only(type(error), error)).strip()
+
+
 def measure_session(
     job: SessionJob, settings_values: dict[str, Any], overlay_dir: str | None = None
 ) -> SessionResult:
@@ -142,8 +156,7 @@ def measure_session(
             overlays = {level: str(path) for level, path in written.items()}
         return SessionResult(job, study.to_contract_dict(), overlays)
     except Exception as error:  # a worker reports every failure; the parent decides
-        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
-        return SessionResult(job, error=detail)
+        return SessionResult(job, error=_failure_detail(error))
 
 
 def _store(engine: Engine, result: SessionResult, settings: Settings, actor: str) -> list[str]:
@@ -216,6 +229,45 @@ def _store(engine: Engine, result: SessionResult, settings: Settings, actor: str
     return notes
 
 
+@contextmanager
+def _executor_for(
+    workers: int, executor: Executor | None, dask_address: str | None
+) -> Iterator[tuple[Executor | None, Callable[[], Executor] | None]]:
+    """The executor to submit to (None: run in this process) and, for a pool this function
+    owns, how to make a fresh one when a worker death broke it."""
+    if executor is not None:
+        yield executor, None
+    elif dask_address is not None:
+        try:
+            from distributed import Client
+        except ImportError as error:  # pragma: no cover - the extra is not installed
+            msg = (
+                f"dask_address={dask_address!r} needs Dask distributed; install "
+                "bmetrack[dask] or run with local workers instead"
+            )
+            raise ImportError(msg) from error
+        client = Client(dask_address)
+        try:
+            # pure=False: a retried job must get a new task key, not the erred future.
+            yield client.get_executor(pure=False), None
+        finally:
+            client.close()
+    elif workers <= 1:
+        yield None, None
+    else:
+        pools = [ProcessPoolExecutor(max_workers=workers)]
+
+        def fresh() -> Executor:
+            pools[-1].shutdown(wait=False, cancel_futures=True)
+            pools.append(ProcessPoolExecutor(max_workers=workers))
+            return pools[-1]
+
+        try:
+            yield pools[0], fresh
+        finally:
+            pools[-1].shutdown(wait=True, cancel_futures=True)
+
+
 def quantify_all(
     engine: Engine,
     study_code: str,
@@ -223,6 +275,7 @@ def quantify_all(
     settings: Settings | None = None,
     workers: int = 1,
     executor: Executor | None = None,
+    dask_address: str | None = None,
     overlay_dir: Path | None = None,
     retries: int = 1,
     actor: str = "pipeline",
@@ -230,64 +283,134 @@ def quantify_all(
 ) -> PipelineReport:
     """Measure every pending session of a study and store the results.
 
+    Each result is stored (one transaction per imaging session) as soon as it
+    arrives, so an interrupted run keeps what was done and a rerun does the rest.
+
     Parameters
     ----------
+    engine : sqlalchemy.Engine
+        The study database.
+    study_code : str
+        The study whose pending sessions (see `pending_sessions`) are measured.
+    settings : Settings, optional
+        Method settings (defaults of METHOD.md when omitted).
     workers : int
-        Size of the local process pool (1 runs in this process).
+        Size of the local process pool (1 runs in this process).  Ignored when
+        `executor` or `dask_address` is given.
     executor : concurrent.futures.Executor, optional
-        Use this executor instead (e.g. a Dask ``Client.get_executor()``).
+        Use this executor instead (e.g. a Dask ``Client.get_executor(pure=False)``).
+    dask_address : str, optional
+        Address of a Dask scheduler (``tcp://host:8786``): connect a client, run
+        the jobs on the cluster's workers and close the client afterwards.  The
+        workers need bmetrack installed and must see the DICOM files (and
+        `overlay_dir`) under the same paths.
+    overlay_dir : pathlib.Path, optional
+        Folder for overlay PNGs (``patient/date/level.png``).
     retries : int
-        How many more times a failed study is tried before it is reported.
+        How many more times a failed study is tried before it is reported.  A
+        worker that dies (a killed process, a Dask ``KilledWorker``) counts as a
+        failed try.  A result the database refuses as invalid (e.g. no level
+        could be named) is reported at once: measuring again gives the same.
+    actor : str
+        Recorded as the creator of the measurements and in the audit trail.
+    progress : callable, optional
+        Called as ``progress(done, total)`` each time a session is finished,
+        i.e. stored or finally reported failed.
+
+    Returns
+    -------
+    PipelineReport
+        Every pending session ends up in exactly one of ``measured`` and ``failed``.
     """
+    if executor is not None and dask_address is not None:
+        msg = (
+            f"executor={executor!r} and dask_address={dask_address!r} were both given; "
+            "pass only one"
+        )
+        raise ValueError(msg)
+    if retries < 0:
+        msg = f"retries={retries} is negative; give 0 (no retry) or more"
+        raise ValueError(msg)
     settings = settings or resolve_settings()
     jobs = pending_sessions(engine, study_code)
     report = PipelineReport()
+    if not jobs:
+        return report
     values = settings.to_dict()
     overlay = None if overlay_dir is None else str(overlay_dir)
+    tries: dict[int, int] = {}
     done = 0
 
-    def run(batch: Iterable[SessionJob]) -> list[SessionResult]:
-        batch = list(batch)
-        if executor is None and workers <= 1:
-            return [measure_session(job, values, overlay) for job in batch]
-        pool = executor or ProcessPoolExecutor(max_workers=workers)
-        try:
-            futures: list[Future[SessionResult]] = [
-                pool.submit(measure_session, job, values, overlay) for job in batch
-            ]
-            results = []
-            for future in as_completed(futures):
-                try:
-                    results.append(future.result())
-                except Exception as error:  # a worker died: its job is retried below
-                    job = batch[futures.index(future)]
-                    results.append(SessionResult(job, error=f"worker failed: {error}"))
-            return results
-        finally:
-            if executor is None:
-                pool.shutdown()
+    def finish(job: SessionJob, error: str | None = None) -> None:
+        nonlocal done
+        if error is not None:
+            report.failed.append((job, error))
+        done += 1
+        if progress:
+            progress(done, len(jobs))
 
-    remaining = jobs
-    for attempt in range(retries + 1):
-        failed: list[SessionResult] = []
-        for result in run(remaining):
-            if result.error is None:
-                try:
-                    report.skipped_levels += _store(engine, result, settings, actor)
-                except Exception as error:  # stored nothing: report it, rerun picks it up
-                    failed.append(SessionResult(result.job, error=f"storing failed: {error}"))
-                    continue
-                report.measured.append(result.job)
+    def handle(result: SessionResult) -> SessionJob | None:
+        """Store or record one result; returns the job when it is to be tried again."""
+        job = result.job
+        tries[job.imaging_session_id] = tries.get(job.imaging_session_id, 0) + 1
+        retry = tries[job.imaging_session_id] <= retries
+        error = result.error
+        if error is None:
+            try:
+                notes = _store(engine, result, settings, actor)
+            except ValueError as invalid:  # deterministic: measuring again gives the same
+                finish(job, f"storing failed: {invalid}")
+                return None
+            except Exception as failure:  # stored nothing (one transaction); try again
+                error = f"storing failed: {_failure_detail(failure)}"
+            else:
+                report.skipped_levels += notes
+                report.measured.append(job)
                 report.n_measurements += sum(
                     not v["level"].startswith("V") for v in (result.measurements or {})["vertebrae"]
                 )
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
-            else:
-                failed.append(result)
-        remaining = [result.job for result in failed]
-        if not remaining or attempt == retries:
-            report.failed = [(result.job, result.error or "") for result in failed]
-            break
+                finish(job)
+                return None
+        if retry:
+            return job
+        finish(job, error)
+        return None
+
+    with _executor_for(workers, executor, dask_address) as (pool, fresh_pool):
+        if pool is None:
+            queue = deque(jobs)
+            while queue:
+                again = handle(measure_session(queue.popleft(), values, overlay))
+                if again is not None:
+                    queue.append(again)
+            return report
+
+        def submit(job: SessionJob) -> Future[SessionResult]:
+            nonlocal pool
+            assert pool is not None
+            try:
+                return pool.submit(measure_session, job, values, overlay)
+            except BrokenExecutor:  # a local worker died and took the pool with it
+                if fresh_pool is None:
+                    raise
+                pool = fresh_pool()
+                return pool.submit(measure_session, job, values, overlay)
+
+        pending = {submit(job): job for job in jobs}
+        try:
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    job = pending.pop(future)
+                    try:
+                        result = future.result()
+                    except Exception as error:  # worker died (KilledWorker, broken pool)
+                        detail = f"worker failed: {_failure_detail(error)}"
+                        result = SessionResult(job, error=detail)
+                    again = handle(result)
+                    if again is not None:
+                        pending[submit(again)] = again
+        finally:
+            for future in pending:  # interrupted: leave nothing running for this run
+                future.cancel()
     return report

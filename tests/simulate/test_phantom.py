@@ -156,6 +156,27 @@ def test_cement_volume_matches_request_and_stays_in_treated_body(phantom: Phanto
     assert np.all(dist[rim] <= 2.0 + spacing.max())
 
 
+def test_edema_truth_leaves_the_rim_zone_to_the_rim(medium: Phantom) -> None:
+    # METHOD.md 3: STIR-bright voxels within rim_width_mm of the cement are rim, not BME.
+    from scipy import ndimage
+
+    from bmetrack.settings import resolve_settings
+
+    phantom = medium  # 1.2 mm pixels: the 2 mm zone holds whole voxels
+    width = float(resolve_settings()["rim_width_mm"])
+    cement = phantom.masks["cement"].array
+    spacing = np.linalg.norm(phantom.labels.affine[:3, :3], axis=0)
+    dist = ndimage.distance_transform_edt(~cement, sampling=spacing)
+    zone = (dist > 0) & (dist <= width + 1e-6) & (phantom.labels.array == label_from_level("T12"))
+    assert not np.any(phantom.masks["edema"].array & zone)
+    # T12 (60 % BME around 4 ml of cement) has edema drawn up to the cement: it is rim now.
+    rim = phantom.masks["rim"].array
+    assert (rim & zone).sum() > 0.2 * zone.sum()
+    assert _row(phantom, "T12")["rim_volume_ml"] == pytest.approx(
+        (rim & (phantom.labels.array == label_from_level("T12"))).sum() * _voxel_ml(phantom)
+    )
+
+
 def test_masks_only_inside_bodies_and_disjoint(phantom: Phantom) -> None:
     lab = phantom.labels.array
     masks = phantom.masks
@@ -249,6 +270,12 @@ def test_intensity_statistics(medium: Phantom) -> None:
     sd = stir[normal].std()
     assert stir[edema].mean() > stir[normal].mean() + 3 * sd
     assert t1[edema].mean() < t1[normal].mean()
+    # Edema replaces marrow fat: its T1 (core, away from partial volume) lies at least
+    # halfway from fatty marrow down to muscle.
+    core = ndimage.binary_erosion(edema, np.ones((1, 3, 3), bool))
+    muscle_t1 = np.median(t1[tis == TISSUES["muscle"]])
+    marrow_t1 = np.median(t1[normal])
+    assert np.median(t1[core]) < marrow_t1 - 0.5 * (marrow_t1 - muscle_t1)
     assert cement.sum() > 20
     assert np.median(stir[cement]) < np.median(stir[normal])
     assert np.median(t1[cement]) < 0.5 * np.median(t1[normal])

@@ -519,6 +519,7 @@ class _Lesions:
     edema_fine: _Waves | None = None
     edema_threshold: float = math.inf
     edema_halo: float = 1.0
+    edema_t1_muscle_ratio: float = 1.0  # full-replacement edema T1 / muscle T1
     cement_ml: float = 0.0
     cement_blobs: list[tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]] = field(
         default_factory=list
@@ -1111,6 +1112,13 @@ def _build_scene(params: PhantomParameters, seed: int) -> _Scene:
     if specs is None:
         specs = _random_fractures(rng, levels)
     _assign_lesions(rng, verts, specs, params)
+    # T1 of fully edematous marrow per lesion, from its own stream (the anatomy stream above
+    # and below is unchanged).  Edema replaces marrow fat with water, so its T1 approaches
+    # that of muscle / disc (T1-hypointense to fatty marrow; acute osteoporotic VCF show
+    # bands iso- to slightly hyperintense to muscle): 0.85-1.3 x muscle.
+    t1_rng = np.random.default_rng([int(seed), 505])
+    for v in verts:
+        v.lesions.edema_t1_muscle_ratio = float(t1_rng.uniform(0.85, 1.3))
     _calibrate_fractures(rng, verts)
     curve = _stack(rng, verts, params)
     s_vals = np.array([v.s for v in verts])
@@ -2261,10 +2269,18 @@ def _body(
     edema = ev.edema_score > F32(les.edema_threshold)
     if np.any(np.isfinite(ev.edema_score)):
         halo = (ev.edema_score > F32(les.edema_threshold - les.edema_halo)) & ~edema
-        e_val = sig[_T.EDEMA]
-        sev = ev.severity
+        if is_t1:
+            # Water replacing fat darkens T1 towards muscle/disc (0.3-0.4 of fat; fatty
+            # marrow 0.62-0.9).  Fat loss is near complete wherever STIR is clearly bright,
+            # so the T1 fraction of full contrast is 0.81-1.0 (STIR: 0.62-1.0, same field).
+            e_val = sig[_T.MUSCLE] * les.edema_t1_muscle_ratio
+            sev = F32(0.5) + F32(0.5) * ev.severity
+        else:
+            e_val = sig[_T.EDEMA]
+            sev = ev.severity
         val = marrow_val + (F32(e_val) - marrow_val) * sev
         _paint(buf, sl, edema, _T.EDEMA, val)
+        # Partial-volume / transition halo: 22 % of the edema contrast on both sequences.
         hval = marrow_val + (F32(e_val) - marrow_val) * F32(0.22)
         _paint(buf, sl, halo & np.isfinite(ev.edema_score), _T.MARROW, hval)
     _paint(buf, sl, ev.hemangioma, _T.HEMANGIOMA, sig[_T.HEMANGIOMA])
@@ -2375,14 +2391,21 @@ def _calibrate_lesions(scene: _Scene, grid: _Grid, n_sub: int) -> None:
         if les.cement_ml > 0 and scores_c:
             n_target = round(les.cement_ml / voxel_ml)
             les.cement_threshold = _threshold_for_count(np.concatenate(scores_c), n_target)
-        cement_vox = 0
+        cement_maps = []
         scores_e = []
         for xs, ys, zs in evals:
             ev = _eval_body(v, xs, ys, zs)
-            cement_vox += int(_majority(ev.cement).sum())
-            scores_e.append(_kth_largest(ev.edema_score, k_major).ravel())
+            cement_maps.append(_majority(ev.cement))
+            scores_e.append(_kth_largest(ev.edema_score, k_major))
+        cement_vox = int(sum(int(m.sum()) for m in cement_maps))
         if les.bme_percent > 0:
-            allowed = np.concatenate(scores_e)
+            # Edema within the rim width of the cement is rim by METHOD.md 3 (relabelled in
+            # `_edema_near_cement_to_rim`): the requested percent applies to edema beyond it.
+            scores_3d = np.stack(scores_e)
+            if cement_vox > 0:
+                near = _near_cement(np.stack(cement_maps), _rim_width_mm(), grid.spacing)
+                scores_3d = np.where(near, -np.inf, scores_3d)
+            allowed = scores_3d.ravel()
             n_target = round(les.bme_percent / 100.0 * (body_vox - cement_vox))
             n_max = int(np.isfinite(allowed).sum())
             if n_target > n_max:
@@ -2396,6 +2419,56 @@ def _calibrate_lesions(scene: _Scene, grid: _Grid, n_sub: int) -> None:
             finite = allowed[np.isfinite(allowed)]
             spread = float(np.std(finite)) if finite.size else 1.0
             les.edema_halo = 0.12 * spread if les.edema_pattern is not EdemaPattern.BAND else 1.2
+
+
+def _ball_mm(radius_mm: float, spacing: tuple[float, float, float]) -> BoolArray:
+    """Voxel offsets within ``radius_mm`` of the centre (mm per axis), the METHOD.md 3 ball."""
+    half = [int(np.floor(radius_mm / sp + 1e-9)) for sp in spacing]
+    axes = [np.arange(-h, h + 1) * sp for h, sp in zip(half, spacing, strict=True)]
+    grids = np.meshgrid(*axes, indexing="ij")
+    return np.asarray(sum(g**2 for g in grids) <= radius_mm**2 + 1e-9)
+
+
+def _near_cement(
+    cement: BoolArray, radius_mm: float, spacing: tuple[float, float, float]
+) -> BoolArray:
+    """Voxels within ``radius_mm`` of a cement voxel (cement included)."""
+    if not cement.any():
+        return cement.copy()
+    return np.asarray(ndimage.binary_dilation(cement, structure=_ball_mm(radius_mm, spacing)))
+
+
+def _rim_width_mm() -> float:
+    """METHOD.md 3 peri-cement rim width from the settings registry."""
+    return float(resolve_settings()["rim_width_mm"])
+
+
+def _edema_near_cement_to_rim(
+    labels: npt.NDArray[np.int16],
+    lesions: npt.NDArray[np.uint8],
+    spacing: tuple[float, float, float],
+) -> None:
+    """Relabel, in place, edema voxels within the rim width of their body's cement as rim.
+
+    METHOD.md 3: the peri-cement rim is the STIR-bright shell within ``rim_width_mm`` of the
+    cement and is NOT BME; every edema voxel drawn there is STIR-bright (at least 62 % of full
+    edema contrast), so by that definition it is rim, not edema.
+    """
+    cement = lesions == _LES_CEMENT
+    if not cement.any():
+        return
+    width = _rim_width_mm()
+    pad = [int(np.floor(width / sp + 1e-9)) + 1 for sp in spacing]
+    for label in np.unique(labels[cement]).tolist():
+        body = labels == label
+        idx = np.nonzero(body)
+        box = tuple(
+            slice(max(int(i.min()) - p, 0), min(int(i.max()) + 1 + p, n))
+            for i, p, n in zip(idx, pad, labels.shape, strict=True)
+        )
+        near = _near_cement(cement[box] & body[box], width, spacing)
+        les = lesions[box]
+        les[near & body[box] & (les == _LES_EDEMA)] = _LES_RIM
 
 
 def _threshold_for_count(scores: FloatArray, n: int) -> float:
@@ -2515,6 +2588,7 @@ def make_phantom(params: PhantomParameters | None = None, *, seed: int) -> Phant
     t1_img, _ = _render(scene, t1_grid, "t1", acq, n_sub, noise_rng, False, params.bias_strength)
     labels = extra["labels"]
     lesions = extra["lesions"]
+    _edema_near_cement_to_rim(labels, lesions, stir_grid.spacing)
     stir_vol = Volume(
         stir_img,
         stir_grid.affine,

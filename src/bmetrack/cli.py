@@ -168,6 +168,16 @@ def import_command(
     redcap: Annotated[
         Path | None, typer.Option(help="REDCap flat record export (instead of the CSVs).")
     ] = None,
+    redcap_foreign: Annotated[
+        Path | None,
+        typer.Option(help="Flat export of another REDCap project (needs the next two)."),
+    ] = None,
+    redcap_dictionary: Annotated[
+        Path | None, typer.Option(help="Data dictionary CSV of that project.")
+    ] = None,
+    mapping: Annotated[
+        Path | None, typer.Option(help="Mapping file (.json, .toml, .yaml) of that project.")
+    ] = None,
     title: Annotated[str, typer.Option(help="Study title (for a new study).")] = "",
     db: DbOption = None,
     actor: ActorOption = "cli",
@@ -185,7 +195,13 @@ def import_command(
         "measurements": measurements,
     }
     sources = {name: path for name, path in given.items() if path is not None}
-    if not sources and redcap is None:
+    foreign = (redcap_foreign, redcap_dictionary, mapping)
+    if any(p is not None for p in foreign) and any(p is None for p in foreign):
+        err_console.print(
+            "[bold red]error:[/] --redcap-foreign needs --redcap-dictionary and --mapping."
+        )
+        raise typer.Exit(2)
+    if not sources and redcap is None and redcap_foreign is None:
         err_console.print(
             "[bold red]error:[/] nothing to import; give --patients, --procedures, "
             "--clinical, --measurements or --redcap."
@@ -196,7 +212,13 @@ def import_command(
         engine = make_engine(db)
         require_current_schema(engine)
         try:
-            if redcap is not None:
+            if redcap_foreign is not None and redcap_dictionary and mapping:
+                from bmetrack.study.redcap_mapping import import_foreign_redcap
+
+                report = import_foreign_redcap(
+                    engine, study, redcap_foreign, redcap_dictionary, mapping, actor, settings
+                )
+            elif redcap is not None:
                 report = import_redcap(engine, study, redcap, actor, settings)
             else:
                 report = import_tables(engine, study, sources, actor, settings, title=title)
@@ -535,6 +557,128 @@ def import_dicom_command(
             err_console.print(error.report.summary(), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
     typer.echo(report.summary())
+
+
+UidSecretOption = Annotated[
+    str | None,
+    typer.Option(
+        "--uid-secret",
+        envvar="BMETRACK_UID_SECRET",
+        help="Secret of the UID remapping (default: the study code); same on every pull.",
+    ),
+]
+PseudonymMapOption = Annotated[
+    Path | None,
+    typer.Option(
+        help="CSV with columns dicom_patient_id,patient_code (default: PatientID = code)."
+    ),
+]
+
+
+@app.command("pull")
+def pull_command(
+    study: StudyOption,
+    dicomweb: Annotated[
+        str | None, typer.Option("--dicomweb", metavar="URL", help="DICOMweb root URL.")
+    ] = None,
+    dimse: Annotated[
+        str | None,
+        typer.Option("--dimse", metavar="HOST:PORT:AET", help="PACS for C-FIND + C-MOVE."),
+    ] = None,
+    pseudonym_map: PseudonymMapOption = None,
+    date_from: Annotated[
+        str | None, typer.Option("--from", metavar="DATE", help="First study date.")
+    ] = None,
+    date_to: Annotated[
+        str | None, typer.Option("--to", metavar="DATE", help="Last study date.")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the de-identified files (default: pacs/<study>)."),
+    ] = None,
+    ae_title: Annotated[str, typer.Option(help="Our AE title (DIMSE).")] = "BMETRACK",
+    port: Annotated[int, typer.Option(help="Our C-STORE port the PACS moves to (DIMSE).")] = 11112,
+    uid_secret: UidSecretOption = None,
+    db: DbOption = None,
+    actor: ActorOption = "cli",
+    set_: SetOption = None,
+) -> None:
+    """Fetch the study's MR studies from a PACS, de-identify them (PS3.15) and file them."""
+    from bmetrack.pacs.dimse import DimseError
+    from bmetrack.pacs.pull import pull_study
+    from bmetrack.study.db import make_engine, require_current_schema
+
+    dates = None if date_from is None and date_to is None else (date_from, date_to)
+    with _reported_errors():
+        engine = make_engine(db)
+        require_current_schema(engine)
+        try:
+            pulled, filed = pull_study(
+                engine,
+                study,
+                out if out is not None else Path("pacs") / study,
+                actor=actor,
+                dicomweb=dicomweb,
+                dimse=dimse,
+                pseudonym_map=pseudonym_map,
+                dates=dates,
+                uid_secret=uid_secret,
+                ae_title=ae_title,
+                listen_port=port,
+                settings=_settings(set_),
+            )
+        except (DimseError, ValueError, OSError) as error:
+            err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    typer.echo(pulled.summary())
+    typer.echo(filed.summary())
+
+
+@app.command("listen")
+def listen_command(
+    study: StudyOption,
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="Our AE title.")] = "BMETRACK",
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (0.0.0.0 for the network).")
+    ] = "127.0.0.1",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Folder for the de-identified files (default: pacs/<study>)."),
+    ] = None,
+    pseudonym_map: PseudonymMapOption = None,
+    uid_secret: UidSecretOption = None,
+    db: DbOption = None,
+    actor: ActorOption = "listener",
+) -> None:
+    """Receive DICOM (C-STORE), de-identify it and file each association; Ctrl-C stops."""
+    from bmetrack.pacs.dimse import listen
+    from bmetrack.study.db import make_engine, require_current_schema
+    from bmetrack.study.dicom_import import import_dicom, read_pseudonym_map
+
+    with _reported_errors():
+        engine = make_engine(db)
+        require_current_schema(engine)
+        mapping = None if pseudonym_map is None else read_pseudonym_map(pseudonym_map)
+
+        def file_study(folder: Path, files: list[Path]) -> None:
+            try:
+                report = import_dicom(engine, study, folder, actor=actor)
+            except Exception as error:  # keep listening; the files stay for import-dicom
+                err_console.print(f"[red]could not file {folder}:[/] {error}", highlight=False)
+                return
+            typer.echo(f"{folder}: {len(files)} files; {report.summary()}")
+
+        err_console.print(f"listening as {ae_title} on {host}:{port} (Ctrl-C stops)")
+        listen(
+            port,
+            ae_title,
+            out if out is not None else Path("pacs") / study,
+            on_study=file_study,
+            host=host,
+            pseudonym_map=mapping,
+            uid_secret=study if uid_secret is None else uid_secret,
+        )
 
 
 @app.command("quantify-all")

@@ -9,7 +9,7 @@ STAMP := $(VENV)/.bmetrack-installed
 DEMO_DIR ?= demo-output
 # Debian packages the report (WeasyPrint) and the test suite need.
 APT_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b fonts-dejavu-core \
-	postgresql dicom3tools chromium
+	postgresql dicom3tools chromium orthanc orthanc-dicomweb
 
 .PHONY: demo test lint typecheck unit system-deps benchmark clean
 

@@ -410,6 +410,53 @@ def test_override_measurement(engine: Engine) -> None:
             )
 
 
+def test_override_measurement_level(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        _, patient = _setup(session)
+        first = records.add_measurement(
+            session, patient, "2020-01-05", "T12", {"bme_percent": 40}, actor="pipeline"
+        )
+        other = records.add_measurement(
+            session, patient, "2020-01-05", "L2", {"bme_percent": 10}, actor="pipeline"
+        )
+        session.flush()
+        first_id, other_id = first.id, other.id
+    with session_scope(engine) as session:
+        with pytest.raises(ValidationError) as error:
+            records.override_measurement(session, first_id, {"level": "X9"}, actor="dr", reason="x")
+        assert (_only_problem(error).field, _only_problem(error).value) == ("level", "X9")
+        with pytest.raises(ValidationError) as error:  # L2 is measured at this visit already
+            records.override_measurement(session, first_id, {"level": "l2"}, actor="dr", reason="x")
+        assert (_only_problem(error).field, _only_problem(error).value) == ("level", "L2")
+    with session_scope(engine) as session:
+        new = records.override_measurement(
+            session, first_id, {"level": " l1 "}, actor="dr", reason="counted from the sacrum"
+        )
+        session.flush()
+        new_id = new.id
+        # VerSe labels: T12 = 19, L1 = 20; the measured values are carried over.
+        assert (new.level, new.label, new.bme_percent) == ("L1", 20, 40)
+        assert session.get(type(new), first_id).label == 19
+    with session_scope(engine) as session:
+        old = session.get(type(new), first_id)
+        assert (old.level, old.superseded_by_id) == ("T12", new_id)  # the original stays
+        current = {m.level: m.id for m in records.current_measurements(session)}
+        assert current == {"L1": new_id, "L2": other_id}
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "override", AuditEvent.field == "level")
+        ).one()
+        assert (event.entity_id, event.old_value, event.new_value, event.reason) == (
+            new_id,
+            "T12",
+            "L1",
+            "counted from the sacrum",
+        )
+        created = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "create", AuditEvent.entity_id == new_id)
+        ).all()
+        assert len([e for e in created if e.entity == "vertebra_measurement"]) == 1
+
+
 def test_new_vcf_rules(engine: Engine) -> None:
     with session_scope(engine) as session:
         _, patient = _setup(session)

@@ -172,6 +172,39 @@ def test_stale_override_is_refused(app_client, logged_in, web_engine):
     assert "needs a reason" in no_reason.text
 
 
+def test_level_override_from_the_timeline(app_client, logged_in, web_engine):
+    token = logged_in("radiologist")
+    with db.session_scope(web_engine) as session:
+        m = session.scalars(
+            select(VertebraMeasurement).where(VertebraMeasurement.superseded_by_id.is_(None))
+        ).first()
+        taken = [x.level for x in m.visit.measurements if x.superseded_by_id is None]
+        mid, version, old_level, patient_id = m.id, m.row_version, m.level, m.visit.patient_id
+    free = next(level for level in ("C3", "C4", "C5") if level not in taken)
+    page = app_client.get(f"/patients/{patient_id}/timeline").text
+    assert f'name="level" value="{old_level}"' in page  # the form offers the level
+    data = {"csrf_token": token, "row_version": version, "reason": "level miscounted"}
+    if len(taken) > 1:  # a level measured at the same visit is refused, nothing stored
+        other = next(level for level in taken if level != old_level)
+        refused = app_client.post(
+            f"/measurements/{mid}/override", data={**data, "level": other}, follow_redirects=True
+        )
+        assert "Not saved" in refused.text and "already has a current measurement" in refused.text
+    response = app_client.post(f"/measurements/{mid}/override", data={**data, "level": free})
+    assert response.status_code == 303
+    with db.session_scope(web_engine) as session:
+        original = session.get(VertebraMeasurement, mid)
+        assert original.level == old_level and original.superseded_by_id is not None
+        current = session.get(VertebraMeasurement, original.superseded_by_id)
+        assert (current.level, current.bme_percent) == (free, original.bme_percent)
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == "override", AuditEvent.field == "level")
+        ).one()
+        assert (event.old_value, event.new_value) == (old_level, free)
+    audit = app_client.get(f"/measurements/{mid}/audit").text
+    assert "level miscounted" in audit
+
+
 def test_accept_takes_the_visit_off_the_worklist(app_client, logged_in, web_engine):
     token = logged_in("radiologist")
     page = app_client.get("/dashboard").text

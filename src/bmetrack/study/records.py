@@ -1845,8 +1845,12 @@ def override_measurement(
 ) -> VertebraMeasurement:
     """Correct a measurement by hand: a new ``manual`` row supersedes the old one.
 
-    The old row stays unchanged except for ``superseded_by_id``; the audit log
-    gets one 'override' event per changed field (old and new value, reason).
+    ``changes`` holds measurement fields (``MEASUREMENT_FIELDS``) and may hold
+    ``level`` to say the body was mislabelled: the new level must be a valid
+    level name not already measured (current row) at the same visit. The old
+    row stays unchanged except for ``superseded_by_id``; the audit log gets one
+    'override' event per changed field, ``level`` included (old and new value,
+    reason).
     """
     require_actor(actor)
     old: VertebraMeasurement = _get(session, VertebraMeasurement, measurement_id)
@@ -1862,7 +1866,12 @@ def override_measurement(
             "override the current value"
         )
         raise StaleRecordError(msg)
-    clean, problems = validate_measurement(changes, record)
+    measures = {name: value for name, value in changes.items() if name != "level"}
+    clean, problems = validate_measurement(measures, record)
+    level = old.level
+    if "level" in changes:
+        level, level_problems = _override_level(old, changes["level"], record)
+        problems.extend(level_problems)
     if clean.get("bme_percent") is not None and "bme_present" not in changes:
         threshold = study_settings(old.visit.patient.study)["bme_present_threshold_percent"]
         clean["bme_present"] = bool(clean["bme_percent"] >= threshold)
@@ -1871,8 +1880,8 @@ def override_measurement(
     new = VertebraMeasurement(
         visit=old.visit,
         imaging_session_id=old.imaging_session_id,
-        level=old.level,
-        label=old.label,
+        level=level,
+        label=old.label if level == old.level else label_from_level(level),
         source=MeasurementSource.MANUAL,
         method_version=old.method_version,
         settings_json=dict(old.settings_json or {}),
@@ -1888,7 +1897,29 @@ def override_measurement(
     for name, value in clean.items():
         if not same_value(values[name], value):
             _audit_change(session, new, name, values[name], value, actor, reason, action="override")
+    if level != old.level:
+        _audit_change(session, new, "level", old.level, level, actor, reason, action="override")
     return new
+
+
+def _override_level(old: VertebraMeasurement, value: Any, record: str) -> tuple[str, list[Problem]]:
+    """The new level of an override, or problems: invalid name, or measured at that visit."""
+    try:
+        level = parse_level(value)
+    except _BadValueError as error:
+        return old.level, [Problem(record, "level", value, str(error))]
+    if level is None:
+        return old.level, [Problem(record, "level", value, "is empty; give a level such as L1")]
+    if level == old.level:
+        return level, []
+    taken = current_measurement_at(old.visit, level)
+    if taken is not None:
+        reason = (
+            f"already has a current measurement ({taken.id}) at this visit; override that "
+            "measurement instead, or relabel it first"
+        )
+        return old.level, [Problem(record, "level", level, reason)]
+    return level, []
 
 
 def sort_levels(levels: Iterable[str]) -> list[str]:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +22,15 @@ from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware.sessions import SessionMiddleware
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from bmetrack.study.db import make_engine, require_current_schema
+from bmetrack.study.db import make_engine, require_current_schema, session_scope
 from bmetrack.web.auth import (
     CSRF_HEADER,
+    CurrentUser,
     LoginRateLimiter,
     NotLoggedInError,
     check_csrf,
@@ -32,8 +38,9 @@ from bmetrack.web.auth import (
     load_secret,
     wants_page,
 )
+from bmetrack.web.cache import PageCache, change_counter
 
-__all__ = ["WebSettings", "create_app", "render"]
+__all__ = ["WebSettings", "create_app", "render", "render_cached"]
 
 _HERE = Path(__file__).parent
 
@@ -44,6 +51,9 @@ class WebSettings:
 
     secret_key : session-signing key (default: ``BMETRACK_SECRET`` or a file beside the db).
     cache_dir : rendered slices and dashboard figures (default: a new temporary folder).
+    page_cache_items, page_cache_max_age_s : rendered timeline/dashboard pages kept, and how
+        long one is served at most (a bound on staleness should the change counter miss a
+        write, e.g. two PostgreSQL transactions committing out of id order).
     https_only : mark the session cookie Secure (set when served behind HTTPS).
     """
 
@@ -54,6 +64,8 @@ class WebSettings:
     login_window_s: float = 300.0
     session_max_age_s: int = 8 * 3600
     slice_cache_items: int = 512
+    page_cache_items: int = 256
+    page_cache_max_age_s: float = 30.0
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -89,6 +101,92 @@ def render(request: Request, template: str, status_code: int = 200, **context: A
     return HTMLResponse(html, status_code=status_code)
 
 
+async def render_cached(
+    request: Request,
+    user: CurrentUser,
+    key: Hashable,
+    template: str,
+    context: Callable[[Session], dict[str, Any]],
+) -> HTMLResponse:
+    """Render a read-only page once per (key, role, data change), fill in this user's parts.
+
+    ``context(session)`` is only called when the page is not cached (the template
+    is rendered inside the same database session, so it may hold ORM objects);
+    it must depend on nothing but ``key``, the user's role and the database.
+    A cached page is served on the event loop (one indexed query for the change
+    counter); building one runs in the thread pool.
+    """
+    settings: WebSettings = request.app.state.settings
+    engine: Engine = request.app.state.engine
+    pages: PageCache = request.app.state.pages
+    counter = change_counter(engine)
+    full_key = (key, int(time.monotonic() // settings.page_cache_max_age_s))
+    role = user.role.value
+    csrf = csrf_token(request)
+    html = pages.cached(full_key, counter, role, csrf=csrf, username=user.username)
+    if html is not None:
+        return HTMLResponse(html)
+    env: jinja2.Environment = request.app.state.templates
+
+    def build(csrf_marker: str, user_marker: str) -> str:
+        stand_in = CurrentUser(user.id, user_marker, user.role)
+        with session_scope(engine) as session:
+            return env.get_template(template).render(
+                request=request,
+                csrf=csrf_marker,
+                csrf_header=CSRF_HEADER,
+                user=stand_in,
+                **context(session),
+            )
+
+    html = await run_in_threadpool(
+        pages.page, full_key, counter, role, build, csrf=csrf, username=user.username
+    )
+    return HTMLResponse(html)
+
+
+_SECURITY_HEADERS = [
+    (
+        b"content-security-policy",
+        b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
+        b"script-src 'self'; frame-ancestors 'none'; form-action 'self'",
+    ),
+    (b"x-content-type-options", b"nosniff"),
+    (b"x-frame-options", b"DENY"),
+    (b"referrer-policy", b"same-origin"),
+]
+
+
+class SecurityHeadersMiddleware:
+    """Security headers on every response; ``no-store`` on all but static files.
+
+    A plain ASGI middleware (not ``@app.middleware``, which copies every
+    response body through extra tasks and costs about a millisecond a request).
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        static = str(scope.get("path", "")).startswith("/static/")
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = list(message.get("headers", []))
+                present = {name.lower() for name, _ in headers}
+                extra = list(_SECURITY_HEADERS)
+                if not static:
+                    extra.append((b"cache-control", b"no-store"))
+                headers += [(name, value) for name, value in extra if name not in present]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
 def create_app(
     db: str | os.PathLike[str] | Engine | None = None, settings: WebSettings | None = None
 ) -> FastAPI:
@@ -121,21 +219,9 @@ def create_app(
     app.state.limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
     app.state.dashboard = routes_dashboard.DashboardCache(cache_dir / "dashboard")
     app.state.slices = routes_imaging.SliceCache(cache_dir / "slices", settings.slice_cache_items)
+    app.state.pages = PageCache(settings.page_cache_items)
 
-    @app.middleware("http")
-    async def security_headers(request: Request, call_next: Any) -> Response:
-        response: Response = await call_next(request)
-        response.headers.setdefault(
-            "Content-Security-Policy",
-            "default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-            "script-src 'self'; frame-ancestors 'none'; form-action 'self'",
-        )
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
-        if not request.url.path.startswith("/static/"):
-            response.headers.setdefault("Cache-Control", "no-store")
-        return response
+    app.add_middleware(SecurityHeadersMiddleware)
 
     # Added last, so it runs first: the session is available to everything above.
     app.add_middleware(

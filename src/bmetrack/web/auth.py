@@ -21,15 +21,14 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
-from sqlalchemy import Engine
+from sqlalchemy import Engine, bindparam, select
 
-from bmetrack.study.db import session_scope
 from bmetrack.study.models import User, UserRole
 
 __all__ = [
@@ -111,7 +110,12 @@ def wants_page(request: Request) -> bool:
     return not request.headers.get("HX-Request") and not request.url.path.startswith("/api/")
 
 
-def require_roles(*roles: UserRole) -> Callable[[Request], CurrentUser]:
+_USER_QUERY = select(User.id, User.username, User.role, User.active).where(
+    User.id == bindparam("user_id")
+)
+
+
+def require_roles(*roles: UserRole) -> Callable[[Request], Awaitable[CurrentUser]]:
     """Dependency: the logged-in, active user, whose role must be one of ``roles``.
 
     With no roles given any logged-in user passes. The user is re-read from
@@ -119,17 +123,19 @@ def require_roles(*roles: UserRole) -> Callable[[Request], CurrentUser]:
     """
     allowed = set(roles)
 
-    def dependency(request: Request) -> CurrentUser:
+    async def dependency(request: Request) -> CurrentUser:
         user_id = request.session.get("user_id")
         if not isinstance(user_id, int):
             raise NotLoggedInError
         engine: Engine = request.app.state.engine
-        with session_scope(engine) as session:
-            user = session.get(User, user_id)
-            if user is None or not user.active:
-                request.session.clear()
-                raise NotLoggedInError
-            current = CurrentUser(user.id, user.username, user.role)
+        # One primary-key Core query, on the event loop: this runs on every request,
+        # and a thread-pool hop costs more than the query.
+        with engine.connect() as connection:
+            row = connection.execute(_USER_QUERY, {"user_id": user_id}).one_or_none()
+        if row is None or not row.active:
+            request.session.clear()
+            raise NotLoggedInError
+        current = CurrentUser(int(row.id), str(row.username), UserRole(row.role))
         if allowed and current.role not in allowed:
             raise HTTPException(
                 status_code=403,

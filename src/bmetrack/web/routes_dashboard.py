@@ -19,13 +19,17 @@ from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request
 from fastapi.responses import FileResponse, Response
-from sqlalchemy import Engine, func, select
+from sqlalchemy import Engine, select
+from sqlalchemy.orm import Session
 
 from bmetrack.study.db import session_scope
-from bmetrack.study.models import AuditEvent, Study
+from bmetrack.study.models import Study
 from bmetrack.study.review import worklist
-from bmetrack.web.app import render
+from bmetrack.web.app import render_cached
 from bmetrack.web.auth import AnyUser
+from bmetrack.web.cache import change_counter
+
+__all__ = ["DashboardCache", "DashboardData", "change_counter", "key_numbers", "router"]
 
 router = APIRouter()
 
@@ -36,12 +40,6 @@ class DashboardData:
     results: dict[str, Any]
     figures: dict[str, Path]
     error: str = ""
-
-
-def change_counter(engine: Engine) -> int:
-    """Newest audit event id: changes whenever study data changes."""
-    with engine.connect() as connection:
-        return int(connection.execute(select(func.max(AuditEvent.id))).scalar() or 0)
 
 
 class DashboardCache:
@@ -125,28 +123,25 @@ def _study(request: Request, code: str | None) -> Study:
 
 
 @router.get("/dashboard")
-def dashboard(request: Request, user: AnyUser, study: str | None = None) -> Response:
+async def dashboard(request: Request, user: AnyUser, study: str | None = None) -> Response:
     engine = request.app.state.engine
-    with session_scope(engine) as session:
+
+    def context(session: Session) -> dict[str, Any]:
         codes = list(session.scalars(select(Study.code).order_by(Study.code)))
-    if not codes:
-        return render(
-            request, "dashboard.html", study=None, codes=[], data=None, numbers=[], items=[]
-        )
-    chosen = _study(request, study)
-    data = request.app.state.dashboard.get(engine, chosen.code)
-    with session_scope(engine) as session:
-        items = worklist(session, session.get_one(Study, chosen.id))
-    months = [int(m) for m in chosen.nominal_months]
-    return render(
-        request,
-        "dashboard.html",
-        study=chosen,
-        codes=codes,
-        data=data,
-        numbers=key_numbers(data.results, months),
-        items=items,
-    )
+        if not codes:
+            return {"study": None, "codes": [], "data": None, "numbers": [], "items": []}
+        chosen = _study(request, study)
+        data = request.app.state.dashboard.get(engine, chosen.code)
+        months = [int(m) for m in chosen.nominal_months]
+        return {
+            "study": chosen,
+            "codes": codes,
+            "data": data,
+            "numbers": key_numbers(data.results, months),
+            "items": worklist(session, session.get_one(Study, chosen.id)),
+        }
+
+    return await render_cached(request, user, ("dashboard", study), "dashboard.html", context)
 
 
 @router.get("/dashboard/figures/{study_code}/{counter}/{name}.png")

@@ -9,9 +9,6 @@ volumes and quantifications are kept in bounded LRU caches.
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +17,7 @@ from fastapi import APIRouter, Form, HTTPException, Request
 from fastapi.responses import RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
+from starlette.concurrency import run_in_threadpool
 
 from bmetrack.study import records, review
 from bmetrack.study.db import session_scope
@@ -31,49 +29,13 @@ from bmetrack.study.models import (
     VertebraMeasurement,
     Visit,
 )
-from bmetrack.web.app import render
+from bmetrack.web.app import render, render_cached
 from bmetrack.web.auth import AnyUser, Reviewer
+from bmetrack.web.cache import LruCache
 
 router = APIRouter()
 
 SERIES = ("stir", "t1")
-
-
-class _Lru:
-    """A small thread-safe LRU mapping; ``get_or_make`` builds a missing value once."""
-
-    def __init__(self, max_items: int) -> None:
-        self.max_items = max_items
-        self._items: OrderedDict[Any, Any] = OrderedDict()
-        self._lock = threading.Lock()
-        self._building: dict[Any, threading.Lock] = {}
-
-    def get(self, key: Any) -> Any:
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        return None
-
-    def put(self, key: Any, value: Any) -> None:
-        with self._lock:
-            self._items[key] = value
-            self._items.move_to_end(key)
-            while len(self._items) > self.max_items:
-                self._items.popitem(last=False)
-
-    def get_or_make(self, key: Any, make: Callable[[], Any]) -> Any:
-        value = self.get(key)
-        if value is not None:
-            return value
-        with self._lock:
-            lock = self._building.setdefault(key, threading.Lock())
-        with lock:
-            value = self.get(key)
-            if value is None:
-                value = make()
-                self.put(key, value)
-        return value
 
 
 class SliceCache:
@@ -81,9 +43,9 @@ class SliceCache:
 
     def __init__(self, folder: Path, max_items: int = 512) -> None:
         self.folder = folder
-        self.pngs = _Lru(max_items)
-        self.volumes = _Lru(4)
-        self.quantified = _Lru(2)
+        self.pngs = LruCache(max_items)
+        self.volumes = LruCache(4)
+        self.quantified = LruCache(2)
 
     def volumes_of(self, job: dict[str, str]) -> tuple[Any, Any]:
         from bmetrack.imaging.dicom import read_series
@@ -210,17 +172,33 @@ def timeline_context(session: Session, patient_id: int) -> dict[str, Any]:
     return {"patient": patient, "months": months, "rows": rows}
 
 
-@router.get("/patients/{patient_id}/timeline")
-def timeline(request: Request, user: AnyUser, patient_id: int) -> Response:
+def _timeline_with_message(
+    request: Request, patient_id: int, can_review: bool, message: str
+) -> Response:
     with session_scope(request.app.state.engine) as session:
         context = timeline_context(session, patient_id)
-        return render(
-            request,
-            "timeline.html",
-            can_review=user.can(UserRole.RADIOLOGIST, UserRole.ADMIN),
-            message=request.query_params.get("message", ""),
-            **context,
+        return render(request, "timeline.html", can_review=can_review, message=message, **context)
+
+
+@router.get("/patients/{patient_id}/timeline")
+async def timeline(request: Request, user: AnyUser, patient_id: int) -> Response:
+    can_review = user.can(UserRole.RADIOLOGIST, UserRole.ADMIN)
+    message = request.query_params.get("message", "")
+    if message:  # after a form: this user's message, not a shared page
+        return await run_in_threadpool(
+            _timeline_with_message, request, patient_id, can_review, message
         )
+    return await render_cached(
+        request,
+        user,
+        ("timeline", patient_id),
+        "timeline.html",
+        lambda session: {
+            "can_review": can_review,
+            "message": "",
+            **timeline_context(session, patient_id),
+        },
+    )
 
 
 @router.get("/images/{imaging_session_id}/{series}/{index}.png")
@@ -309,6 +287,7 @@ def override(
     measurement_id: int,
     bme_percent: str = Form(""),
     genant_grade: str = Form(""),
+    level: str = Form(""),
     reason: str = Form(""),
     row_version: str = Form(""),
 ) -> Response:
@@ -322,6 +301,9 @@ def override(
             changes["bme_percent"] = bme_percent
         if genant_grade.strip():
             changes["genant_grade"] = genant_grade
+        # The form shows the current level: only a different one is a change.
+        if level.strip() and level.strip().upper() != measurement.level.upper():
+            changes["level"] = level
         try:
             if not changes:
                 raise records.ValidationError(
@@ -330,7 +312,7 @@ def override(
                             f"measurement {measurement_id}",
                             "bme_percent",
                             "",
-                            "give a new BME percent or Genant grade",
+                            "give a new BME percent, Genant grade or level",
                         )
                     ]
                 )

@@ -10,7 +10,6 @@ from __future__ import annotations
 import datetime as dt
 import importlib.metadata
 import itertools
-import math
 import platform
 from collections.abc import Callable, Sequence
 from functools import partial
@@ -24,6 +23,7 @@ import bmetrack
 from bmetrack.analysis import statistics as st
 from bmetrack.analysis.mixed import fit_mixed_model, wald_test
 from bmetrack.analysis.tables import StudyTables
+from bmetrack.jsonsafe import json_safe
 
 __all__ = [
     "REFERENCE_FINDINGS",
@@ -63,23 +63,6 @@ _SOFTWARE = (
 
 def month_key(month: int) -> str:
     return str(int(month))
-
-
-def _clean(value: Any) -> Any:
-    """Recursively convert numpy scalars and NaN into plain JSON values."""
-    if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
-    if isinstance(value, np.bool_ | bool):
-        return bool(value)
-    if isinstance(value, np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        return None if not math.isfinite(float(value)) else float(value)
-    if value is pd.NA or value is None:
-        return None
-    return value
 
 
 def software_versions() -> dict[str, str]:
@@ -553,6 +536,6 @@ def analyse(tables: StudyTables, progress: Callable[[str], None] | None = None) 
         "bme_pain": bme_pain,
         "subgroup_correlations": _subgroup_correlations(bme_pain),
     }
-    results = _clean(results)
+    results = json_safe(results)
     results["comparison"] = _comparison(results, months, alpha)
     return results

@@ -39,6 +39,7 @@ from bmetrack.analysis.figures import (
     SCATTER_MAX_POINTS,
     TRAJECTORY_MAX_LINES,
 )
+from bmetrack.jsonsafe import json_safe
 
 __all__ = [
     "REPORT_SECTIONS",
@@ -1036,30 +1037,6 @@ def render_pdf(html: str, path: Path | str) -> Path:
 # --------------------------------------------------------------------------------------
 # Writing all files
 # --------------------------------------------------------------------------------------
-
-
-def json_safe(value: Any) -> Any:
-    """Recursively convert to plain JSON values: NaN/inf/pd.NA -> None, numpy -> Python."""
-    if value is None or isinstance(value, str | bool):
-        return value
-    if isinstance(value, np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    if isinstance(value, Mapping):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple | set | np.ndarray):
-        return [json_safe(v) for v in value]
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dt.datetime | dt.date | pd.Timestamp):
-        return value.isoformat()
-    if value is pd.NA or value is pd.NaT:
-        return None
-    return str(value)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -30,6 +30,8 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 from scipy import stats
+
+from bmetrack.jsonsafe import json_safe
 
 __all__ = [
     "Correction",
@@ -74,31 +76,13 @@ class Correction(StrEnum):
 # --------------------------------------------------------------------------------------
 
 
-def _json_safe(value: object) -> JSONValue:
-    """Convert numpy scalars, arrays, mappings and non-finite floats to plain JSON values."""
-    if value is None or isinstance(value, str):
-        return value
-    if isinstance(value, bool | np.bool_):
-        return bool(value)
-    if isinstance(value, int | np.integer):
-        return int(value)
-    if isinstance(value, float | np.floating):
-        number = float(value)
-        return number if math.isfinite(number) else None
-    if isinstance(value, Mapping):
-        return {str(key): _json_safe(item) for key, item in value.items()}
-    if isinstance(value, list | tuple | np.ndarray):
-        return [_json_safe(item) for item in value]
-    return str(value)
-
-
 @dataclass(frozen=True)
 class _Result:
     """Base class: a frozen dataclass with a JSON-safe ``to_dict``."""
 
     def to_dict(self) -> dict[str, JSONValue]:
         """Return the fields as a JSON-safe dict (NaN and infinities become ``None``)."""
-        return {f.name: _json_safe(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return {f.name: json_safe(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
 
 @dataclass(frozen=True)

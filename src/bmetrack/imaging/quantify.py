@@ -6,7 +6,7 @@ plain results and knows nothing of the database.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ from bmetrack.imaging.labelmaps import external_segmentation
 from bmetrack.imaging.nifti import read_nifti
 from bmetrack.imaging.segment import UNNAMED_LABEL_OFFSET, Segmentation, segment_vertebral_bodies
 from bmetrack.imaging.volume import Volume
+from bmetrack.jsonsafe import json_safe
 from bmetrack.settings import Settings, resolve_settings
 
 __all__ = [
@@ -85,9 +86,9 @@ class StudyQuantification:
             "bmetrack_version": __version__,
             "segmentation": {
                 "method_version": self.segmentation.method_version,
-                "parameters": _plain(self.segmentation.parameters),
+                "parameters": json_safe(self.segmentation.parameters),
             },
-            "quantification": _plain(self.quantification.provenance),
+            "quantification": json_safe(self.quantification.provenance),
             "input_series_uids": [
                 uid
                 for uid in (self.stir.series_instance_uid, self.t1_on_stir.series_instance_uid)
@@ -101,18 +102,6 @@ class StudyQuantification:
         result["warnings"] = list(dict.fromkeys([*self.warnings, *result["warnings"]]))
         result["provenance"] = self.provenance()
         return result
-
-
-def _plain(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return value
 
 
 def quantify_study(

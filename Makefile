@@ -7,11 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.bmetrack-installed
 DEMO_DIR ?= demo-output
-# Debian packages the report (WeasyPrint) and the test suite need.
-APT_PACKAGES := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b fonts-dejavu-core \
-	postgresql dicom3tools chromium orthanc orthanc-dicomweb
+# Debian packages the report needs (WeasyPrint), and those only the test suite needs
+# (PostgreSQL, dciodvfy, headless Chromium, Orthanc with DICOMweb).
+APT_RUNTIME := libpango-1.0-0 libpangoft2-1.0-0 libharfbuzz0b fonts-dejavu-core
+APT_TEST := postgresql dicom3tools chromium orthanc orthanc-dicomweb
 
-.PHONY: demo test lint typecheck unit system-deps benchmark clean
+.PHONY: demo test lint typecheck unit system-deps test-deps apt-install benchmark clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -19,7 +20,13 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 system-deps:
-	@missing=""; for p in $(APT_PACKAGES); do \
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_RUNTIME)"
+
+test-deps:
+	@$(MAKE) --no-print-directory apt-install PACKAGES="$(APT_RUNTIME) $(APT_TEST)"
+
+apt-install:
+	@missing=""; for p in $(PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ]; then \
@@ -40,7 +47,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-unit: system-deps $(STAMP)
+unit: test-deps $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile --timeout 900
 
 test: lint typecheck unit

@@ -388,7 +388,7 @@ def test_two_sequence_path_on_the_realistic_phantom() -> None:
     """Demo-size phantom (seed measured during development): level labels and body Dice.
 
     Truth is the phantom's own label map; thresholds sit a little below the measured values
-    (7 of 8 fully visible bodies labelled with Dice > 0.5, mean Dice 0.75).
+    (8 of 8 fully visible bodies labelled with Dice > 0.5, mean Dice 0.78).
     """
     phantom_mod = pytest.importorskip("bmetrack.simulate.phantom")
     params = phantom_mod.PhantomParameters(
@@ -402,5 +402,32 @@ def test_two_sequence_path_on_the_realistic_phantom() -> None:
     )
     full = ph.truth[~ph.truth["partially_visible"]]
     scores = [dice(seg.labels.array == lab, ph.labels.array == lab) for lab in full["label"]]
-    assert np.mean(np.asarray(scores) > 0.5) >= 0.85, scores
-    assert np.mean(scores) >= 0.70, scores
+    assert np.mean(np.asarray(scores) > 0.5) >= 0.95, scores
+    assert np.mean(scores) >= 0.74, scores
+
+
+@pytest.mark.slow
+def test_level_labels_on_three_realistic_phantoms() -> None:
+    """Levels counted from S1 on demo-size phantoms (STIR + T1 on different grids).
+
+    Seeds 2 and 9 have a fused S1-S2 remnant that the disc chain picks up as a disc (the old
+    rule then missed the sacrum: V1..Vn) and a near-void chained position above L5-S1; the end
+    of the dural sac in view fixes L5-S1.  Development measured 27 of 27 bodies with the right
+    level; the threshold allows one miss.  Truth is the phantom's own label map.
+    """
+    phantom_mod = pytest.importorskip("bmetrack.simulate.phantom")
+    params = phantom_mod.PhantomParameters(
+        n_rows=256, n_columns=256, pixel_spacing_mm=1.2, sacrum_in_view=True
+    )
+    correct: list[bool] = []
+    for seed in (2, 9, 10):
+        ph = phantom_mod.make_phantom(params, seed=seed)
+        t1 = ph.t1.resample_to(ph.stir, order=1, fill_value=np.nan)
+        seg = segment_vertebral_bodies(ph.stir, "stir", other=t1, other_contrast="t1")
+        assert seg.parameters["sacrum_found"], seed
+        full = ph.truth[~ph.truth["partially_visible"]]
+        correct += [
+            dice(seg.labels.array == lab, ph.labels.array == lab) > 0.5 for lab in full["label"]
+        ]
+    assert len(correct) >= 20
+    assert np.mean(correct) >= 0.95, correct

@@ -35,9 +35,11 @@ from bmetrack.anatomy import LEVEL_LABELS, label_from_level, normalise_level
 from bmetrack.imaging.segment_delineate import BodyMask, BodySpan, delineate_body
 from bmetrack.imaging.segment_detect import (
     Discs,
+    Frame,
     anterior_wall_mm,
     band_profile,
     canal_centreline,
+    canal_response,
     detect_discs,
     disc_lines,
     normalise_intensity,
@@ -246,7 +248,9 @@ def segment_vertebral_bodies(
             fluid_norm, norm = norm, other_norm
     canal_polarity = -1.0 if (con is Contrast.T1 and pair is None) else 1.0
     canal_image = fluid_norm if fluid_norm is not None else norm
-    canal = canal_centreline(canal_image, wsp, canal_polarity)
+    canal = canal_centreline(
+        canal_image, wsp, canal_polarity, norm if fluid_norm is not None else None
+    )
     mid_k, canal_score = canal.plane, canal.score
     frame, straight = straighten(norm, canal, wsp)
     centre_sl = range(max(0, mid_k - 1), min(n_sl, mid_k + 2))
@@ -292,17 +296,25 @@ def segment_vertebral_bodies(
     flat_t1 = np.median(profile, axis=1)
     sacrum_periods = _SACRUM_MIN_PERIODS
     weak_cut: list[float] | None = None
+    sac_cut: list[float] | None = None
     if fluid_norm is not None:
         fluid_profile = band_profile(fluid_mid, frame.depths_mm, wall)
         centres = _trim_non_bone(centres, [flat_t1, np.median(fluid_profile, axis=1)])
         sacrum_periods = _SACRUM_MIN_PERIODS_PAIR
-        weak_cut = _cut_at_void_disc(centres, discs)
+        # The end of the dural sac in view is the most direct sacrum cue (STIR/T2 + T1).
+        sac_cut = _cut_at_sac_end(centres, fluid_norm[mid_k], frame, wall, wsp, period)
+        weak_cut = None if sac_cut is not None else _cut_at_void_disc(centres, discs)
         if weak_cut is not None:
             centres = weak_cut
     # With T1 + STIR every true disc is dark on T1 (also degenerated ones), so only a much
     # weaker or thin lowest band is taken for a fused S1-S2 remnant.
     thin, weak = (0.5, 0.6) if fluid_norm is None else (0.6, 0.3)
-    has_sacrum, centres = _find_sacrum(centres, discs, period, flat_t1, sacrum_periods, thin, weak)
+    if sac_cut is not None:
+        has_sacrum, centres = True, sac_cut
+    else:
+        has_sacrum, centres = _find_sacrum(
+            centres, discs, period, flat_t1, sacrum_periods, thin, weak
+        )
     if fluid_norm is not None and not has_sacrum and weak_cut is not None:
         has_sacrum = True
     below = (n_s - 1) - centres[-1]
@@ -484,6 +496,49 @@ def _inside_bone(centres: list[float], profile: FloatArray) -> npt.NDArray[np.bo
         profile <= q_hi + 0.5 * spread
     )
     return inside
+
+
+def _cut_at_sac_end(
+    centres: list[float],
+    fluid_plane: npt.NDArray[np.float32],
+    frame: Frame,
+    wall_mm: FloatArray,
+    spacing_mm: tuple[float, float, float],
+    period: float,
+) -> list[float] | None:
+    """Disc chain ending at L5-S1 when the end of the thecal sac is in view, else None.
+
+    The dural sac (a CSF tube, bright on STIR/T2) ends at about S2 (S1-S3); below it the
+    sacral canal holds fat and roots only.  When the tube ends inside the field of view (at
+    least 10 mm above where the frame leaves the image), the lowest disc that still has the
+    sac behind it for a third of a vertebral period is L5-S1; discs chained below that (a
+    fused S1-S2 remnant, pelvic tissue) are dropped.  None when the sac is not seen to end or
+    no chained disc lies below the cut (the older bony-length rule then decides).  Known
+    limit: a sac ending within S1 (uncommon) makes L4-L5 the cut.
+    """
+    n_s = len(frame.points)
+    resp = canal_response(fluid_plane.astype(np.float64), spacing_mm[1:], 1.0)
+    resp = resp / (float(np.percentile(np.abs(resp), 90)) + 1e-6)
+    arc = np.arange(n_s, dtype=np.float64)
+    rows, cols = frame.to_index(arc, np.zeros(n_s))
+    along = ndimage.map_coordinates(resp, [rows, cols], order=1, mode="nearest")
+    along = ndimage.uniform_filter1d(along, max(1, round(9.0 / frame.step_mm)), mode="nearest")
+    good = ndimage.binary_closing(along > 0.5, iterations=max(1, round(5.0 / frame.step_mm)))
+    lab, n = ndimage.label(good)
+    if n == 0:
+        return None
+    sizes = ndimage.sum(good, lab, index=np.arange(1, n + 1))
+    sac_end = int(np.flatnonzero(lab == int(np.argmax(sizes)) + 1)[-1])
+    r_b, c_b = frame.to_index(arc, wall_mm + 12.0)
+    in_image = (r_b >= 0) & (r_b <= fluid_plane.shape[0] - 1)
+    in_image &= (c_b >= 0) & (c_b <= fluid_plane.shape[1] - 1)
+    fov_end = int(np.flatnonzero(in_image)[-1]) if in_image.any() else n_s - 1
+    if sac_end > fov_end - 10.0 / frame.step_mm:
+        return None
+    above = [c for c in centres if c <= sac_end - period / 3.0]
+    if len(above) < 2 or len(above) == len(centres):
+        return None
+    return above
 
 
 def _cut_at_void_disc(centres: list[float], discs: Discs) -> list[float] | None:

@@ -199,6 +199,7 @@ def canal_centreline(
     norm: npt.NDArray[np.float32],
     spacing_mm: tuple[float, float, float],
     polarity: float,
+    opposite: npt.NDArray[np.float32] | None = None,
 ) -> CanalPath:
     """The spinal canal in the mid-sagittal plane.
 
@@ -207,6 +208,9 @@ def canal_centreline(
     can look like a canal).  Each is trimmed to its trusted part and scored by its canal
     response, its length, and the periodicity of the disc pattern just anterior to it: the
     canal is the tube with a column of discs and bodies in front.
+
+    ``opposite`` is an optional T1 image on the same grid as a STIR/T2 ``norm``: the disc
+    pattern in front of a candidate is then read on it (every disc is dark on T1).
     """
     n_sl = norm.shape[0]
     lo, hi = int(np.floor(0.2 * (n_sl - 1))), int(np.ceil(0.8 * (n_sl - 1)))
@@ -239,7 +243,9 @@ def canal_centreline(
         mean = float(np.mean(along[first : last + 1]))
         cand = _extended_path(path, first, last, s_si)
         cand = CanalPath(k, cand.columns, cand.first, cand.last, mean)
-        ant = _anterior_periodicity(norm[k], cand, spacing_mm, polarity)
+        ant = _anterior_periodicity(
+            norm[k], cand, spacing_mm, polarity, None if opposite is None else opposite[k]
+        )
         cand = CanalPath(k, cand.columns, cand.first, cand.last, mean, ant)
         length_mm = (last - first) * s_si
         offset_mm = (k - (n_sl - 1) / 2) * spacing_mm[0]
@@ -284,15 +290,21 @@ def _anterior_periodicity(
     canal: CanalPath,
     spacing_mm: tuple[float, float, float],
     polarity: float,
+    t1_plane: npt.NDArray[np.float32] | None = None,
 ) -> float:
     """Autocorrelation peak (lags 18-55 mm) of the disc score anterior of a candidate canal:
-    the canal has the body column in front, a prevertebral vessel has bowel or fat."""
+    the canal has the body column in front, a prevertebral vessel has bowel or fat.  With a
+    T1 plane the discs are read there (dark on T1 whatever their hydration)."""
     frame, straight = straighten(plane[None], canal, spacing_mm)
     mid = straight[0].astype(np.float64)
     lo, hi = round(18.0 / frame.step_mm), round(55.0 / frame.step_mm)
     wall = anterior_wall_mm(mid, frame.depths_mm, polarity)
+    disc_polarity = -1.0 if polarity < 0 else None
+    if t1_plane is not None:
+        mid = straighten(t1_plane[None], canal, spacing_mm)[1][0].astype(np.float64)
+        disc_polarity = -1.0
     prof = band_profile(mid, frame.depths_mm, wall)
-    discs = detect_discs(prof, -1.0 if polarity < 0 else None, frame.step_mm)
+    discs = detect_discs(prof, disc_polarity, frame.step_mm)
     return _periodicity(_clipped(discs.score_curve), lo, hi)[0]
 
 

@@ -54,6 +54,7 @@ ActorOption = Annotated[
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from bmetrack.anatomy import LevelError
+    from bmetrack.imaging.errors import ImagingError
     from bmetrack.settings import SettingsError
     from bmetrack.study.analgesics import UnknownDrugError
     from bmetrack.study.db import DatabaseError
@@ -61,6 +62,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
     return (
         LevelError,
+        ImagingError,
         SettingsError,
         UnknownDrugError,
         DatabaseError,
@@ -426,33 +428,38 @@ def quantify_command(
     """Segment, label and measure every vertebral body of one STIR + T1 study."""
     import json
 
-    from bmetrack.imaging.errors import ImagingError
-    from bmetrack.imaging.quantify import load_image, quantify_study
+    with _reported_errors():
+        study = _measure_study(stir, t1, set_, lowest_level, labels, labels_subregions)
+        if overlays is not None:
+            from bmetrack.imaging.quantify import write_vertebra_overlays
 
-    try:
-        with _reported_errors():
-            study = quantify_study(
-                load_image(stir),
-                load_image(t1),
-                _settings(set_),
-                lowest_level=lowest_level,
-                labels=None if labels is None else load_image(labels),
-                label_subregions=None
-                if labels_subregions is None
-                else load_image(labels_subregions),
-            )
-            if overlays is not None:
-                from bmetrack.imaging.quantify import write_vertebra_overlays
-
-                write_vertebra_overlays(study, overlays)
-    except ImagingError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+            write_vertebra_overlays(study, overlays)
     text = json.dumps(study.to_contract_dict(), indent=2) + "\n"
     if json_file is None:
         sys.stdout.write(text)
     else:
         json_file.write_text(text, encoding="utf-8")
+
+
+def _measure_study(
+    stir: Path,
+    t1: Path,
+    assignments: list[str] | None,
+    lowest_level: str | None,
+    labels: Path | None = None,
+    labels_subregions: Path | None = None,
+) -> Any:
+    """Read the images (and an optional label map) and measure the study."""
+    from bmetrack.imaging.quantify import load_image, quantify_study
+
+    return quantify_study(
+        load_image(stir),
+        load_image(t1),
+        _settings(assignments),
+        lowest_level=lowest_level,
+        labels=None if labels is None else load_image(labels),
+        label_subregions=None if labels_subregions is None else load_image(labels_subregions),
+    )
 
 
 @app.command("export-dicom")
@@ -468,22 +475,10 @@ def export_dicom_command(
 ) -> None:
     """Measure one study and write a DICOM Segmentation and a TID 1500 report for PACS."""
     from bmetrack.imaging.dicom_export import write_dicom_exports
-    from bmetrack.imaging.errors import ImagingError
-    from bmetrack.imaging.quantify import load_image, quantify_study
 
-    try:
-        with _reported_errors():
-            study = quantify_study(
-                load_image(stir),
-                load_image(t1),
-                _settings(set_),
-                lowest_level=lowest_level,
-                labels=None if labels is None else load_image(labels),
-            )
-            paths = write_dicom_exports(stir, study, out, t1_folder=t1)
-    except ImagingError as error:
-        err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
-        raise typer.Exit(2) from None
+    with _reported_errors():
+        study = _measure_study(stir, t1, set_, lowest_level, labels)
+        paths = write_dicom_exports(stir, study, out, t1_folder=t1)
     for name, path in paths.items():
         typer.echo(f"{name}  {path}")
 
@@ -496,7 +491,6 @@ def segment_command(
     lowest_level: LowestLevelOption = None,
 ) -> None:
     """Write a label map of the vertebral bodies on the input's grid and print the levels."""
-    from bmetrack.imaging.errors import ImagingError
     from bmetrack.imaging.nifti import write_nifti
     from bmetrack.imaging.quantify import load_image
     from bmetrack.imaging.segment import segment_vertebral_bodies
@@ -507,7 +501,7 @@ def segment_command(
                 load_image(image), contrast, lowest_level=lowest_level
             )
             write_nifti(segmentation.labels, out)
-    except (ImagingError, ValueError) as error:
+    except ValueError as error:  # an unknown --contrast
         err_console.print(f"[bold red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from None
     for warning in segmentation.warnings:

@@ -101,7 +101,10 @@ def phantom():
 
 @pytest.mark.slow
 def test_quantify_study_with_true_labels_matches_truth(phantom):
-    study = quantify_study(phantom.stir, phantom.t1, labels=phantom.labels)
+    stir = phantom.stir.with_array(phantom.stir.array)
+    t1 = phantom.t1.with_array(phantom.t1.array)
+    stir.series_instance_uid, t1.series_instance_uid = "1.2.826.0.1.1", "1.2.826.0.1.2"
+    study = quantify_study(stir, t1, labels=phantom.labels)
     result = study.to_contract_dict()
     measured = {v["level"]: v for v in result["vertebrae"]}
     truth = phantom.truth.set_index("level")
@@ -117,7 +120,7 @@ def test_quantify_study_with_true_labels_matches_truth(phantom):
     assert all(v["bme_percent"] < 5 and v["cement_volume_ml"] < 0.5 for v in normal)
     provenance = result["provenance"]
     assert provenance["segmentation"]["method_version"] == "external label map"
-    assert phantom.stir.series_instance_uid is None or provenance["input_series_uids"]
+    assert provenance["input_series_uids"] == ["1.2.826.0.1.1", "1.2.826.0.1.2"]
     assert "edema_k_sd" in json.dumps(provenance["quantification"])
 
 

@@ -302,6 +302,24 @@ def test_grids_must_match() -> None:
         quantify_vertebrae(stir, shifted, labels)
 
 
+def test_abnormal_bodies_are_judged_against_the_others_not_the_pool() -> None:
+    """Two of five bodies STIR-bright throughout with a weak T1 change (T1 430 > 411.044,
+    so not edema by the stir_and_t1 rule against the normal marrow).  Pooled with the
+    three normal bodies they would raise the T1 SD to about 59 (threshold about 302) and hide
+    the T1 380 edema box in L4; judged against the other bodies they are dropped, the
+    reference is the hand one and the box is edema."""
+    spine = make_spine()
+    for label in (20, 21):
+        spine.paint(spine.region(label, (2, 12), (2, 40), (2, 53)), (600.0, 430.0))
+    spine.paint(spine.region(23, (4, 9), (8, 23), (10, 30)), (600.0, 380.0))  # 1500 voxels
+    q = spine.quantify()
+    assert q.reference["levels"] == ["L3", "L5"]  # L4 holds edema (8.5% of its core)
+    assert q.reference["stir_median"] == pytest.approx(200.0)
+    assert q.reference["t1_median"] == pytest.approx(500.0)
+    assert q.reference["t1_sd"] == pytest.approx(REF_T1_SD, rel=0.05)
+    assert by_level(q)["L4"]["edema_volume_ml"] == pytest.approx(1500 * VOXEL_ML)
+
+
 def test_fractured_body_is_graded_and_excluded_from_reference() -> None:
     spine = make_spine()
     r0 = spine.body_rows[22]

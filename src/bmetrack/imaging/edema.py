@@ -17,10 +17,13 @@ Rules (settings in brackets, from `bmetrack.settings`):
   on the same filtered images so thresholds and data agree.
 - **Reference marrow** [reference_erosion_mm, reference_min_bodies].  Candidates: bodies of
   Genant grade 0 (this module's morphometry), not the sacrum, with voxels left after erosion.
-  Pooled robust statistics (median; SD = 1.4826 x MAD) of their eroded voxels; then bodies
-  that hold cement (at least one cement component by the rule below) or are edematous (at
-  least `REFERENCE_EDEMA_FRACTION` of their eroded voxels meet the edema rule) are dropped
-  and the statistics recomputed, until no body is dropped.  ``reference_levels`` replaces
+  Pooled robust statistics (median; SD = 1.4826 x MAD) of their eroded voxels.  Each
+  candidate is judged against the statistics of the OTHER candidates (an abnormal body
+  inflates the SD of a pool it belongs to until it no longer looks abnormal): a body holding
+  cement (a cement component by the rule below) or whose eroded voxels are abnormal for at
+  least `REFERENCE_EDEMA_FRACTION` (edema by the configured rule, or STIR-bright without
+  fat -- edema whose T1 change is weak) is a misfit; the worst misfit is dropped and the
+  test repeated until none is left.  ``reference_levels`` replaces
   the automatic choice.  Fewer usable bodies than reference_min_bodies: a warning; none:
   `ReferenceMarrowError`.
 - **Cement** [cement_fraction_of_reference].  Dark voxels: below the fraction x reference
@@ -413,17 +416,30 @@ def _voxel_ml(spacing: tuple[float, float, float]) -> float:
 
 
 def _edema_candidates(
-    stir: npt.NDArray[np.float64], t1: npt.NDArray[np.float64], ref: ReferenceStats, s: Settings
+    stir: npt.NDArray[np.float64],
+    t1: npt.NDArray[np.float64],
+    ref: ReferenceStats,
+    s: Settings,
+    rule: str | None = None,
 ) -> npt.NDArray[np.bool_]:
     k = s["edema_k_sd"]
     stir_bright = stir > ref.stir_median + k * ref.stir_sd
     t1_dark = t1 < ref.t1_median - k * ref.t1_sd
-    rule = s["edema_rule"]
+    rule = rule or s["edema_rule"]
     if rule == "stir_and_t1":
         return np.asarray(stir_bright & t1_dark)
     if rule == "stir_only":
         return np.asarray(stir_bright & ~(t1 > ref.t1_median + k * ref.t1_sd))
     return np.asarray(t1_dark & ~(stir < ref.stir_median - k * ref.stir_sd))
+
+
+def _abnormal_marrow(
+    stir: npt.NDArray[np.float64], t1: npt.NDArray[np.float64], ref: ReferenceStats, s: Settings
+) -> npt.NDArray[np.bool_]:
+    """Voxels that disqualify a body as reference marrow: edema by the configured rule, or
+    STIR-bright without fat (edema whose T1 change is too weak for ``stir_and_t1``)."""
+    stir_only = _edema_candidates(stir, t1, ref, s, rule="stir_only")
+    return np.asarray(_edema_candidates(stir, t1, ref, s) | stir_only)
 
 
 def _remove_small(mask: npt.NDArray[np.bool_], min_ml: float, voxel_ml: float) -> np.ndarray:
@@ -492,28 +508,37 @@ def _reference(
         )
         raise ReferenceMarrowError(msg)
     excluded: dict[str, str] = {}
-    while True:
-        ref = _pooled(candidates, eroded)
-        keep = []
+    # One abnormal body in the pool inflates the SD so much that it no longer looks abnormal
+    # against the pool it is part of; so each body is judged against the OTHER candidates,
+    # the most abnormal one is dropped, and the test is repeated.
+    while len(candidates) > 1:
+        worst: tuple[float, _Body, str] | None = None
         for b in candidates:
-            if _cement(b, ref, s, spacing).any():
-                excluded[b.level] = "cement"
-            elif (
-                _edema_candidates(b.stir, b.t1, ref, s)[eroded[b.label]].mean()
-                >= REFERENCE_EDEMA_FRACTION
-            ):
-                excluded[b.level] = "edema"
+            others = _pooled([c for c in candidates if c is not b], eroded)
+            if _cement(b, others, s, spacing).any():
+                score, why = 2.0, "cement"
             else:
-                keep.append(b)
-        if len(keep) == len(candidates):
+                score = float(_abnormal_marrow(b.stir, b.t1, others, s)[eroded[b.label]].mean())
+                why = "edema"
+            if score >= REFERENCE_EDEMA_FRACTION and (worst is None or score > worst[0]):
+                worst = (score, b, why)
+        if worst is None:
             break
-        if not keep:
+        excluded[worst[1].level] = worst[2]
+        candidates = [c for c in candidates if c is not worst[1]]
+    ref = _pooled(candidates, eroded)
+    if len(candidates) == 1:
+        (b,) = candidates
+        if _cement(b, ref, s, spacing).any() or (
+            _abnormal_marrow(b.stir, b.t1, ref, s)[eroded[b.label]].mean()
+            >= REFERENCE_EDEMA_FRACTION
+        ):
+            excluded[b.level] = "cement or edema"
             msg = (
                 "no vertebral body can serve as reference marrow: the normal-shaped bodies "
                 f"hold cement or edema ({excluded}); name reference levels explicitly"
             )
             raise ReferenceMarrowError(msg)
-        candidates = keep
     if len(candidates) < s["reference_min_bodies"]:
         why = ", ".join(f"{lvl}: {why}" for lvl, why in excluded.items())
         warnings.append(

@@ -363,7 +363,7 @@ def test_contract_dict_shape_and_provenance() -> None:
 
     json.dumps(d)
     assert q.provenance["algorithm"] == "bmetrack.edema"
-    assert q.provenance["version"] == "1.0.0"
+    assert q.provenance["version"] == "1.1.0"
     assert q.provenance["input_series_uids"] == {
         "stir": "1.2.3.1",
         "t1": "1.2.3.2",

@@ -92,7 +92,7 @@ __all__ = [
 ]
 
 ALGORITHM = "bmetrack.edema"
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1: reference bodies judged leave-one-out
 
 #: Scale from the median absolute deviation to the SD of a normal distribution.
 MAD_TO_SD = 1.4826

@@ -239,22 +239,54 @@ def render_pair(
         If the two volumes are not on the same grid, and as `render_slice`.
     """
     _require_same_grid(stir, t1)
+    images = _stir_and_t1_pictures(
+        stir,
+        t1,
+        slice_index,
+        windows=(stir_window, t1_window),
+        overlays=overlays,
+        labels=labels,
+        level_names=level_names,
+        size_px=size_px,
+        overlay_alpha=overlay_alpha,
+    )
+    return _png_bytes(_side_by_side(images, title))
+
+
+def _stir_and_t1_pictures(
+    stir: Volume,
+    t1: Volume,
+    slice_index: int,
+    *,
+    windows: tuple[tuple[float, float] | None, tuple[float, float] | None] = (None, None),
+    overlays: Mapping[str, npt.ArrayLike | Volume] | None,
+    labels: npt.ArrayLike | Volume | None,
+    level_names: Mapping[int, str] | None,
+    size_px: int | None,
+    overlay_alpha: float,
+    crop_label: int | None = None,
+    margin_mm: float = 0.0,
+) -> list[npt.NDArray[np.uint8]]:
+    """The STIR and the T1 picture of one slice (named in a corner), optionally cropped
+    around one body; the window of each defaults to its whole volume's."""
     images = []
-    for volume, window, name in ((stir, stir_window, "STIR"), (t1, t1_window, "T1")):
+    for volume, window, name in ((stir, windows[0], "STIR"), (t1, windows[1], "T1")):
         plane = _prepare_plane(
             volume, slice_index, overlays=overlays, labels=labels, level_names=level_names
         )
+        if crop_label is not None:
+            plane = _crop_to_label(plane, crop_label, margin_mm)
         picture = _compose(
             plane,
             window=_checked_window(window) if window is not None else auto_window(volume),
             size_px=size_px,
             level_names=level_names,
             overlay_alpha=overlay_alpha,
-            orientation_letters=True,
+            orientation_letters=crop_label is None,
         )
         _draw_corner_text(picture, name)
         images.append(picture)
-    return _png_bytes(_side_by_side(images, title))
+    return images
 
 
 def render_vertebra_panel(
@@ -319,20 +351,18 @@ def render_vertebra_panel(
     slice_index = int(np.argmax(area_per_slice))
     if level_names is None:
         level_names = {int(label): _default_level_name(int(label))}
-    images = []
-    for volume, name in ((stir, "STIR"), (t1, "T1")):
-        plane = _prepare_plane(volume, slice_index, overlays=overlays, labels=label_array)
-        plane = _crop_to_label(plane, int(label), margin_mm)
-        picture = _compose(
-            plane,
-            window=auto_window(volume),
-            size_px=size_px,
-            level_names=level_names,
-            overlay_alpha=overlay_alpha,
-            orientation_letters=False,
-        )
-        _draw_corner_text(picture, name)
-        images.append(picture)
+    images = _stir_and_t1_pictures(
+        stir,
+        t1,
+        slice_index,
+        overlays=overlays,
+        labels=label_array,
+        level_names=level_names,
+        size_px=size_px,
+        overlay_alpha=overlay_alpha,
+        crop_label=int(label),
+        margin_mm=margin_mm,
+    )
     return _png_bytes(_side_by_side(images, title))
 
 

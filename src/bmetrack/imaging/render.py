@@ -266,7 +266,7 @@ def _stir_and_t1_pictures(
     overlay_alpha: float,
     crop_label: int | None = None,
     margin_mm: float = 0.0,
-) -> list[npt.NDArray[np.uint8]]:
+) -> list[Image.Image]:
     """The STIR and the T1 picture of one slice (named in a corner), optionally cropped
     around one body; the window of each defaults to its whole volume's."""
     images = []

@@ -343,6 +343,16 @@ class _Numbering:
         return table
 
 
+def _model_table(
+    numbering: _Numbering, caption: str, model: Mapping[str, Any] | None
+) -> tuple[dict[str, Any] | None, _Table | None]:
+    """A mixed model's display view and its numbered table (none when not fitted)."""
+    view = _model_view(model)
+    if not view or not view["rows"]:
+        return view, None
+    return view, numbering.add(f"{caption}: {view['formula']}.", view["header"], view["rows"])
+
+
 def _proportion_cells(proportion: Mapping[str, Any] | None) -> list[str]:
     """[successes / n, percent, 95% CI in percent]."""
     if not proportion:
@@ -640,15 +650,8 @@ def _build_context(
         ],
         pair_rows,
     )
-    vas_model = _model_view(vas.get("mixed_model"))
-    vas_model_table = (
-        numbering.add(
-            f"Linear mixed model of VAS: {vas_model['formula']}.",
-            vas_model["header"],
-            vas_model["rows"],
-        )
-        if vas_model and vas_model["rows"]
-        else None
+    vas_model, vas_model_table = _model_table(
+        numbering, "Linear mixed model of VAS", vas.get("mixed_model")
     )
     points = _setting_value(_setting_lookup(results, "responder_min_drop_points") or 2)
     drop_percent = _setting_value(_setting_lookup(results, "responder_min_drop_percent") or 30)
@@ -768,15 +771,8 @@ def _build_context(
         ],
         versus_rows,
     )
-    pain_model = _model_view(bme_pain.get("mixed_model"))
-    pain_model_table = (
-        numbering.add(
-            f"Linear mixed model of VAS on BME in the subgroup: {pain_model['formula']}.",
-            pain_model["header"],
-            pain_model["rows"],
-        )
-        if pain_model and pain_model["rows"]
-        else None
+    pain_model, pain_model_table = _model_table(
+        numbering, "Linear mixed model of VAS on BME in the subgroup", bme_pain.get("mixed_model")
     )
 
     primary = bme_pain.get("primary") or {}

@@ -479,3 +479,157 @@ def test_visits_are_linked_to_patient(engine: Engine) -> None:
         records.add_visit(session, patient, "2020-01-05", actor=ACTOR)
     with session_scope(engine) as session:
         assert session.scalars(select(Visit.visit_date)).all() == [dt.date(2020, 1, 5)]
+
+
+def _count(session, model) -> int:
+    return len(session.scalars(select(model.id)).all())
+
+
+def test_validation_problems_are_those_of_the_write_and_nothing_is_kept(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        _setup(session)
+    bad = {"sex": "X", "birth_year": "1700", "enrolled_date": "2020-13-01"}
+    with session_scope(engine) as session:
+        study = records.get_study(session, "S1")
+        with pytest.raises(ValidationError) as raised:
+            records.add_patient(session, study, "P 2", actor=ACTOR, **bad)
+    with session_scope(engine) as session:
+        study = records.get_study(session, "S1")
+        problems = records.validation_problems(
+            session, lambda: records.add_patient(session, study, "P 2", actor=ACTOR, **bad)
+        )
+    assert problems == raised.value.problems
+    assert {p.field for p in problems} == {"code", "sex", "birth_year", "enrolled_date"}
+    with session_scope(engine) as session:
+        study = records.get_study(session, "S1")
+        valid = records.validation_problems(
+            session, lambda: records.add_patient(session, study, "P002", actor=ACTOR)
+        )
+        assert valid == []
+        duplicate = records.validation_problems(
+            session,
+            lambda: records.add_patient(
+                session, records.get_study(session, "S1"), "P001", actor=ACTOR
+            ),
+        )
+        assert [p.field for p in duplicate] == ["code"]
+        assert "already has this patient" in duplicate[0].reason
+    with session_scope(engine) as session:
+        patient_id = session.scalar(select(Patient.id).where(Patient.code == "P001"))
+        # A valid update that flushes is rolled back too.
+        assert (
+            records.validation_problems(
+                session,
+                lambda: records.update_patient(
+                    session, patient_id, {"notes": "tried"}, actor=ACTOR, expected_row_version=1
+                ),
+            )
+            == []
+        )
+        stale = records.validation_problems(
+            session,
+            lambda: records.update_patient(
+                session, patient_id, {"notes": "x"}, actor=ACTOR, expected_row_version=7
+            ),
+        )
+        assert [p.field for p in stale] == ["row_version"]
+        assert "changed by someone else" in stale[0].reason
+    with session_scope(engine) as session:
+        assert _count(session, Patient) == 1
+        patient = session.get(Patient, patient_id)
+        assert patient is not None and patient.notes == "" and patient.row_version == 1
+        assert not session.scalars(select(AuditEvent).where(AuditEvent.action == "update")).all()
+
+
+@pytest.mark.parametrize(
+    ("code", "warns"),
+    [("Smith", True), ("jan_de-vries", True), ("P001", False), ("AB12", False), ("X", False)],
+)
+def test_patient_code_warnings(code: str, warns: bool) -> None:
+    warnings = records.patient_code_warnings(code)
+    assert bool(warnings) is warns
+    if warns:
+        assert "may be a name" in warnings[0]
+
+
+def test_edit_procedure_sets_levels_with_audit_and_moves_the_version(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        _, patient = _setup(session)  # procedure 2020-01-10, T12 with 3.5 ml
+        session.flush()
+        patient_id, procedure_id = patient.id, patient.procedures[0].id
+    with session_scope(engine) as session:
+        records.edit_procedure(
+            session,
+            procedure_id,
+            {"procedure_type": "kyphoplasty"},
+            [("T12", "4"), ("l1", "")],
+            actor="nurse",
+            expected_row_version=1,
+            reason="op report",
+        )
+    with session_scope(engine) as session:
+        procedure = session.get(records.Procedure, procedure_id)
+        assert procedure is not None
+        assert procedure.procedure_type.value == "kyphoplasty"
+        assert sorted((t.level, t.cement_volume_ml) for t in procedure.treated_levels) == [
+            ("L1", None),
+            ("T12", 4.0),
+        ]
+        version = procedure.row_version
+        assert version == 2
+        # Only the levels change: the procedure's version still moves on.
+        records.edit_procedure(
+            session, procedure_id, {}, [("L1", 2.5)], actor="nurse", expected_row_version=2
+        )
+    with session_scope(engine) as session:
+        procedure = session.get(records.Procedure, procedure_id)
+        assert procedure is not None and procedure.row_version == 3
+        assert [(t.level, t.cement_volume_ml) for t in procedure.treated_levels] == [("L1", 2.5)]
+        with pytest.raises(StaleRecordError, match="changed by someone else"):
+            records.edit_procedure(
+                session, procedure_id, {}, [("L2", None)], actor="late", expected_row_version=2
+            )
+    with session_scope(engine) as session:
+        events = records.patient_audit(session, patient_id)
+        removed = [e for e in events if e.action == "delete"]
+        assert len(removed) == 1 and removed[0].entity == "treated_level"
+        assert json.loads(removed[0].old_value or "")["level"] == "T12"
+        changed = {
+            (e.entity, e.field, e.old_value, e.new_value) for e in events if e.action == "update"
+        }
+        assert ("procedure", "procedure_type", "vertebroplasty", "kyphoplasty") in changed
+        assert ("treated_level", "cement_volume_ml", "3.5", "4.0") in changed
+        created = [(e.entity, e.action) for e in events if e.action == "create"]
+        assert created.count(("treated_level", "create")) == 2  # T12 at setup, L1 now
+        assert created[0] == ("patient", "create")
+        assert all(e.actor != "late" for e in events)
+
+
+def test_edit_procedure_reports_every_problem_and_changes_nothing(engine: Engine) -> None:
+    with session_scope(engine) as session:
+        _, patient = _setup(session, birth_year=1940)
+        records.add_procedure(
+            session, patient, "2021-05-01", "vertebroplasty", [("L2", None)], actor=ACTOR
+        )
+        session.flush()
+        procedure_id = patient.procedures[0].id
+    with session_scope(engine) as session, pytest.raises(ValidationError) as error:
+        records.edit_procedure(
+            session,
+            procedure_id,
+            {"procedure_date": "2021-05-01", "procedure_type": "surgery"},
+            [("X9", None), ("T12", "-1"), ("t12", None)],
+            actor="nurse",
+        )
+    fields = sorted(p.field for p in error.value.problems)
+    assert fields == ["cement_volume_ml", "level", "level", "procedure_date", "procedure_type"]
+    with session_scope(engine) as session, pytest.raises(ValidationError) as error:
+        records.edit_procedure(
+            session, procedure_id, {"procedure_date": "1939-12-31"}, [], actor="nurse"
+        )
+    assert sorted(p.field for p in error.value.problems) == ["levels", "procedure_date"]
+    with session_scope(engine) as session:
+        procedure = session.get(records.Procedure, procedure_id)
+        assert procedure is not None and procedure.row_version == 1
+        assert str(procedure.procedure_date) == "2020-01-10"
+        assert [(t.level, t.cement_volume_ml) for t in procedure.treated_levels] == [("T12", 3.5)]

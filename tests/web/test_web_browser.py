@@ -97,6 +97,32 @@ def test_browser_workflows(server, tmp_path):
         page = browser.new_page(viewport={"width": 1280, "height": 900})
         # Research nurse: VAS 12 on 0-10 is refused as you type and on submit, then fixed.
         _login(page, base, "data_entry")
+        # A new patient through the pages: a birth year of 1800 is refused as you type.
+        page.goto(f"{base}/patients")
+        page.click("#new-patient")
+        page.fill("input[name=code]", "P777")
+        page.select_option("select[name=sex]", "F")
+        page.fill("input[name=birth_year]", "1800")
+        page.wait_for_selector("#err-birth_year .field-error")
+        assert "must be at least 1890" in page.inner_text("#err-birth_year")
+        _shot(page, tmp_path, "patient_form_error")
+        page.fill("input[name=birth_year]", "1948")
+        for _ in range(50):
+            if not page.inner_text("#err-birth_year").strip():
+                break
+            page.wait_for_timeout(100)
+        assert not page.inner_text("#err-birth_year").strip()
+        page.click("button:has-text('Save patient')")
+        page.wait_for_url(re.compile(r".*/patients/\d+/procedures/new$"))
+        page.fill("input[name=procedure_date]", "2024-03-05")
+        page.locator("input[name=level]").first.fill("T12")
+        page.locator("input[name=cement_volume_ml]").first.fill("3")
+        _shot(page, tmp_path, "procedure_form")
+        page.click("button:has-text('Save procedure')")
+        page.wait_for_url(re.compile(r".*/patients/\d+$"))
+        assert "Patient P777" in page.content()
+        assert "T12 (3.0 ml)" in page.inner_text("#procedures")
+        _shot(page, tmp_path, "patient_created")
         page.goto(f"{base}/patients/{patient_id}/visits/new")
         page.fill("input[name=visit_date]", new_date)
         page.fill("input[name=analgesic_drugs]", "tramadol")

@@ -10,7 +10,13 @@ from sqlalchemy import select
 from webtest_support import PASSWORD, csrf_of, login
 
 from bmetrack.study import db
-from bmetrack.study.models import ClinicalAssessment, Patient, User, VertebraMeasurement
+from bmetrack.study.models import (
+    AuditEvent,
+    ClinicalAssessment,
+    Patient,
+    User,
+    VertebraMeasurement,
+)
 
 SCRIPT = "<script>alert('x')</script>"
 SQL = "'; DROP TABLE patient; --"
@@ -28,6 +34,11 @@ PAGES = [
     "/downloads/WEB/tables.zip",
     "/downloads/WEB/redcap.csv",
     "/images/1/stir/0.png",
+    "/patients/new",
+    "/patients/1/edit",
+    "/patients/1/procedures/new",
+    "/procedures/1/edit",
+    "/patients/1/audit",
 ]
 POSTS = [
     "/patients/1/visits",
@@ -36,6 +47,12 @@ POSTS = [
     "/measurements/1/override",
     "/admin/users",
     "/admin/users/1",
+    "/patients",
+    "/patients/1/edit",
+    "/patients/1/procedures",
+    "/procedures/1/edit",
+    "/api/validate/patient?field=code",
+    "/api/validate/procedure?field=levels&patient_id=1",
 ]
 
 
@@ -220,3 +237,56 @@ def test_injection_in_new_username_is_refused_and_escaped(app_client, logged_in)
     )
     assert response.status_code == 422
     assert SCRIPT not in response.text
+
+
+PATIENT_FORM_ROUTES = [
+    ("get", "/patients/new"),
+    ("get", "/patients/1/edit"),
+    ("get", "/patients/1/procedures/new"),
+    ("get", "/procedures/1/edit"),
+    ("post", "/patients"),
+    ("post", "/patients/1/edit"),
+    ("post", "/patients/1/procedures"),
+    ("post", "/procedures/1/edit"),
+    ("post", "/api/validate/patient?field=code"),
+    ("post", "/api/validate/procedure?field=levels&patient_id=1"),
+]
+
+
+@pytest.mark.parametrize("role", ["viewer", "radiologist"])
+def test_read_only_roles_get_403_on_every_patient_form_route(
+    app_client, logged_in, web_engine, role
+):
+    token = logged_in(role)
+    with db.session_scope(web_engine) as session:
+        before = session.scalars(select(AuditEvent.id)).all()
+    for method, path in PATIENT_FORM_ROUTES:
+        if method == "get":
+            response = app_client.get(path)
+        else:
+            data = {"csrf_token": token, "code": "P991", "study": "WEB", "row_version": "1"}
+            response = app_client.post(path, data=data)
+        assert response.status_code == 403, (method, path)
+    with db.session_scope(web_engine) as session:
+        assert session.scalars(select(AuditEvent.id)).all() == before
+
+
+PATIENT_FORM_POSTS = [
+    ("/patients", {"study": "WEB", "code": "P990", "sex": "F"}),
+    ("/patients/1/edit", {"row_version": "1", "code": "X1", "sex": "F"}),
+    ("/patients/1/procedures", {"procedure_date": "2031-01-01", "level": "L3"}),
+    ("/procedures/1/edit", {"row_version": "1", "procedure_date": "2031-01-01", "level": "L3"}),
+]
+
+
+def test_patient_forms_without_csrf_are_refused_and_write_nothing(
+    app_client, logged_in, web_engine
+):
+    logged_in("data_entry")
+    with db.session_scope(web_engine) as session:
+        before = session.scalars(select(AuditEvent.id)).all()
+    for path, data in PATIENT_FORM_POSTS:
+        for token in ({}, {"csrf_token": "forged"}):
+            assert app_client.post(path, data={**data, **token}).status_code == 403, path
+    with db.session_scope(web_engine) as session:
+        assert session.scalars(select(AuditEvent.id)).all() == before

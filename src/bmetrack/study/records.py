@@ -33,9 +33,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-from sqlalchemy import event, insert, inspect, select
+from sqlalchemy import and_, event, insert, inspect, or_, select
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
+from sqlalchemy.orm.attributes import flag_modified, set_committed_value
 from sqlalchemy.orm.exc import StaleDataError
 
 from bmetrack.anatomy import LevelError, label_from_level, level_sort_key, normalise_level
@@ -89,6 +89,7 @@ __all__ = [
     "current_measurement_at",
     "current_measurements",
     "current_measurements_select",
+    "edit_procedure",
     "first_procedure_date",
     "get_or_create_study",
     "get_study",
@@ -100,6 +101,8 @@ __all__ = [
     "parse_int",
     "parse_level",
     "parse_text",
+    "patient_audit",
+    "patient_code_warnings",
     "remove_new_vcf_event",
     "require_actor",
     "same_value",
@@ -114,6 +117,7 @@ __all__ = [
     "validate_patient",
     "validate_procedure_level",
     "validate_visit_date",
+    "validation_problems",
 ]
 
 PATIENT_CODE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -1925,3 +1929,224 @@ def _override_level(old: VertebraMeasurement, value: Any, record: str) -> tuple[
 def sort_levels(levels: Iterable[str]) -> list[str]:
     """Level names in cranio-caudal order."""
     return sorted(levels, key=level_sort_key)
+
+
+# --------------------------------------------------------------------------- forms (web app)
+
+
+def validation_problems(session: Session, write: Callable[[], object]) -> list[Problem]:
+    """The problems a write of this module would raise, keeping nothing it wrote.
+
+    Runs ``write()`` (e.g. ``lambda: add_patient(session, study, "P9", actor="nurse")``)
+    and then rolls back the session's whole transaction, whatever happened: give it a
+    session of its own. Forms use it to validate as you type with exactly the rules of
+    the write itself, which are those of the importers. A stale ``expected_row_version``
+    is reported as a problem of the field ``row_version``.
+
+    Returns
+    -------
+    list of Problem
+        Empty when the write would succeed.
+    """
+    try:
+        with session.no_autoflush:
+            write()
+    except ValidationError as error:
+        return list(error.problems)
+    except StaleRecordError as error:
+        return [Problem("form", "row_version", None, str(error))]
+    finally:
+        session.rollback()
+    return []
+
+
+_NAME_LIKE_CODE = re.compile(r"^[A-Za-z]{2,}([_-][A-Za-z]{2,})*$")
+
+
+def patient_code_warnings(code: str) -> list[str]:
+    """Warnings (not errors) about a patient code that may be a direct identifier.
+
+    A code made of letters only (``Smith``, ``jan_de-vries``) may be a name; study codes
+    carry a number (``P001``). The importers accept such codes, so this only warns.
+    """
+    text = parse_text(code)
+    if _NAME_LIKE_CODE.fullmatch(text):
+        return [
+            f"{text!r} has no digits and may be a name; use the pseudonymous study code "
+            "(e.g. P001), never a name or hospital number"
+        ]
+    return []
+
+
+def _treated_level_list(
+    levels: Sequence[tuple[Any, Any]], record: str
+) -> tuple[list[tuple[str, float | None]], list[Problem]]:
+    """Parse (level, cement ml) pairs of one procedure: at least one, each level once."""
+    problems: list[Problem] = []
+    if not levels:
+        problems.append(Problem(record, "levels", [], "name at least one treated level"))
+    parsed: list[tuple[str, float | None]] = []
+    seen: set[str] = set()
+    for level, cement_ml in levels:
+        clean, level_problems = validate_procedure_level(
+            {"level": level, "cement_volume_ml": cement_ml}, f"{record}, level {level}"
+        )
+        problems += level_problems
+        name = clean.get("level")
+        if name is None:
+            continue
+        if name in seen:
+            problems.append(
+                Problem(
+                    record,
+                    "level",
+                    level,
+                    "this level is treated twice in one procedure; list each level once",
+                )
+            )
+            continue
+        seen.add(name)
+        parsed.append((name, clean.get("cement_volume_ml")))
+    return parsed, problems
+
+
+def edit_procedure(
+    session: Session,
+    procedure_id: int,
+    changes: Mapping[str, Any],
+    levels: Sequence[tuple[Any, Any]],
+    *,
+    actor: str,
+    expected_row_version: int | None = None,
+    reason: str = "",
+    settings: Settings | None = None,
+) -> Procedure:
+    """Change a procedure and set its treated levels, all or nothing (the procedure form).
+
+    Parameters
+    ----------
+    changes : mapping
+        ``procedure_date``, ``procedure_type`` and/or ``notes``, as :func:`update_procedure`.
+    levels : sequence of (level, cement volume in ml)
+        The treated levels after the edit: levels not listed are removed (their values
+        kept in a ``delete`` audit event), new ones added, cement volumes updated.
+    expected_row_version : int, optional
+        The procedure's version the user opened. Any change to its levels moves the
+        version on too, so a form opened before is refused as stale.
+
+    Raises
+    ------
+    ValidationError
+        Every problem of the fields and levels; nothing is changed.
+    StaleRecordError
+        The procedure changed since ``expected_row_version``.
+    """
+    require_actor(actor)
+    procedure: Procedure = _get(session, Procedure, procedure_id)
+    _check_version(procedure, expected_row_version)
+    patient = procedure.patient
+    record = f"procedure {procedure.procedure_date} of patient {patient.code}"
+    allowed = {"procedure_date", "procedure_type", "notes"}
+    problems = [
+        Problem(record, name, value, f"cannot be changed here; change one of {sorted(allowed)}")
+        for name, value in changes.items()
+        if name not in allowed
+    ]
+    fields = {k: v for k, v in changes.items() if k in allowed}
+    clean, field_problems = validate_procedure_level(fields, record)
+    problems += field_problems
+    date = clean.get("procedure_date")
+    problems += check_procedure_date(date, patient.birth_year, record)
+    if date is not None and any(
+        p.procedure_date == date and p.id != procedure.id for p in patient.procedures
+    ):
+        problems.append(
+            Problem(
+                record,
+                "procedure_date",
+                date,
+                "the patient already has another procedure on this date; edit that one instead",
+            )
+        )
+    parsed, level_problems = _treated_level_list(levels, record)
+    problems += level_problems
+    _raise_if(problems)
+    version_before = procedure.row_version
+    if fields:
+        update_procedure(
+            session, procedure.id, fields, actor=actor, reason=reason, settings=settings
+        )
+    wanted = dict(parsed)
+    current = {t.level: t for t in procedure.treated_levels}
+    levels_changed = False
+    for level, treated in current.items():
+        if level in wanted:
+            continue
+        session.add(
+            AuditEvent(
+                actor=actor,
+                action="delete",
+                entity=TreatedLevel.__tablename__,
+                entity_id=treated.id,
+                field="",
+                old_value=json.dumps(_row_values(treated), default=str, sort_keys=True),
+                new_value=None,
+                reason=reason,
+                context=f"procedure {procedure.id}",
+            )
+        )
+        procedure.treated_levels.remove(treated)
+        session.delete(treated)
+        levels_changed = True
+    for level, cement_ml in parsed:
+        kept = current.get(level)
+        if kept is None:
+            add_treated_level(session, procedure, level, cement_ml, actor=actor)
+            levels_changed = True
+        elif not same_value(kept.cement_volume_ml, cement_ml):
+            update_treated_level(
+                session, kept.id, {"cement_volume_ml": cement_ml}, actor=actor, reason=reason
+            )
+            levels_changed = True
+    if levels_changed and procedure.row_version == version_before:
+        # Treated levels have no version of their own: an UPDATE of the procedure row moves
+        # its row_version (once per edit), so forms opened before are refused as stale.
+        flag_modified(procedure, "notes")
+    _flush_checked(session, procedure)
+    return procedure
+
+
+def patient_audit(session: Session, patient_id: int) -> list[AuditEvent]:
+    """Audit events of a patient and of its procedures, treated levels, visits, oldest first.
+
+    Includes the clinical assessments and new-VCF records, and treated levels removed by
+    :func:`edit_procedure`.
+    """
+    patient: Patient = _get(session, Patient, patient_id)
+    procedure_ids = [p.id for p in patient.procedures]
+    # Removed treated levels are found through their delete events, then all their events.
+    removed_level_ids = session.scalars(
+        select(AuditEvent.entity_id).where(
+            AuditEvent.entity == TreatedLevel.__tablename__,
+            AuditEvent.action == "delete",
+            AuditEvent.context.in_([f"procedure {i}" for i in procedure_ids]),
+        )
+    ).all()
+    ids: dict[str, list[int]] = {
+        Patient.__tablename__: [patient.id],
+        Procedure.__tablename__: procedure_ids,
+        TreatedLevel.__tablename__: [t.id for p in patient.procedures for t in p.treated_levels]
+        + list(removed_level_ids),
+        Visit.__tablename__: [v.id for v in patient.visits],
+        ClinicalAssessment.__tablename__: [
+            v.assessment.id for v in patient.visits if v.assessment is not None
+        ],
+        NewVcfEvent.__tablename__: [e.id for e in patient.new_vcf_events],
+    }
+    conditions = [
+        and_(AuditEvent.entity == entity, AuditEvent.entity_id.in_(entity_ids))
+        for entity, entity_ids in ids.items()
+        if entity_ids
+    ]
+    query = select(AuditEvent).where(or_(*conditions)).order_by(AuditEvent.id)
+    return list(session.scalars(query))

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,16 +32,19 @@ from bmetrack.web.auth import (
     CurrentUser,
     LoginRateLimiter,
     NotLoggedInError,
+    UserCache,
     check_csrf,
     csrf_token,
     load_secret,
     wants_page,
 )
-from bmetrack.web.cache import PageCache, change_counter
+from bmetrack.web.cache import DataVersion, PageCache
+from bmetrack.web.fastpath import SECURITY_HEADERS, CachedPageMiddleware
 
 __all__ = ["WebSettings", "create_app", "render", "render_cached"]
 
 _HERE = Path(__file__).parent
+SESSION_COOKIE = "bmetrack_session"
 
 
 @dataclass
@@ -52,8 +54,9 @@ class WebSettings:
     secret_key : session-signing key (default: ``BMETRACK_SECRET`` or a file beside the db).
     cache_dir : rendered slices and dashboard figures (default: a new temporary folder).
     page_cache_items, page_cache_max_age_s : rendered timeline/dashboard pages kept, and how
-        long one is served at most (a bound on staleness should the change counter miss a
-        write, e.g. two PostgreSQL transactions committing out of id order).
+        long one is served at most when the database gives no exact data version (then the
+        audit counter stands in, which a write outside :mod:`bmetrack.study.records` or
+        two PostgreSQL transactions committing out of id order could miss).
     https_only : mark the session cookie Secure (set when served behind HTTPS).
     """
 
@@ -108,23 +111,26 @@ async def render_cached(
     template: str,
     context: Callable[[Session], dict[str, Any]],
 ) -> HTMLResponse:
-    """Render a read-only page once per (key, role, data change), fill in this user's parts.
+    """Render a read-only page once per (key, role, data version), fill in this user's parts.
 
     ``context(session)`` is only called when the page is not cached (the template
     is rendered inside the same database session, so it may hold ORM objects);
-    it must depend on nothing but ``key``, the user's role and the database.
-    A cached page is served on the event loop (one indexed query for the change
-    counter); building one runs in the thread pool.
+    it must depend on nothing but ``key``, the user's role and the database, and
+    ``key`` must stand for this request's path and query string: later requests
+    for them are answered from the cache by :class:`CachedPageMiddleware`.
+    A cached page is served on the event loop; building one runs in the thread pool.
     """
-    settings: WebSettings = request.app.state.settings
     engine: Engine = request.app.state.engine
     pages: PageCache = request.app.state.pages
-    counter = change_counter(engine)
-    full_key = (key, int(time.monotonic() // settings.page_cache_max_age_s))
+    # Read before the page is built: a write in between gives a newer version, never an
+    # old page under a new version.
+    counter = request.app.state.data_version.current()
+    full_key = pages.key_now(key)
     role = user.role.value
     csrf = csrf_token(request)
     html = pages.cached(full_key, counter, role, csrf=csrf, username=user.username)
     if html is not None:
+        _remember(request, pages, key)
         return HTMLResponse(html)
     env: jinja2.Environment = request.app.state.templates
 
@@ -142,19 +148,16 @@ async def render_cached(
     html = await run_in_threadpool(
         pages.page, full_key, counter, role, build, csrf=csrf, username=user.username
     )
+    _remember(request, pages, key)
     return HTMLResponse(html)
 
 
-_SECURITY_HEADERS = [
-    (
-        b"content-security-policy",
-        b"default-src 'self'; img-src 'self' data:; style-src 'self' 'unsafe-inline'; "
-        b"script-src 'self'; frame-ancestors 'none'; form-action 'self'",
-    ),
-    (b"x-content-type-options", b"nosniff"),
-    (b"x-frame-options", b"DENY"),
-    (b"referrer-policy", b"same-origin"),
-]
+def _remember(request: Request, pages: PageCache, key: Hashable) -> None:
+    """Let CachedPageMiddleware answer this path and query string from now on."""
+    pages.remember(request.scope["path"], request.scope.get("query_string", b""), key)
+
+
+_SECURITY_HEADERS = SECURITY_HEADERS
 
 
 class SecurityHeadersMiddleware:
@@ -197,6 +200,7 @@ def create_app(
         routes_clinical,
         routes_dashboard,
         routes_imaging,
+        routes_patients,
     )
 
     settings = settings or WebSettings()
@@ -219,18 +223,35 @@ def create_app(
     app.state.limiter = LoginRateLimiter(settings.login_max_failures, settings.login_window_s)
     app.state.dashboard = routes_dashboard.DashboardCache(cache_dir / "dashboard")
     app.state.slices = routes_imaging.SliceCache(cache_dir / "slices", settings.slice_cache_items)
-    app.state.pages = PageCache(settings.page_cache_items)
+    app.state.data_version = DataVersion(engine)
+    app.state.users = UserCache()
+    app.state.pages = PageCache(
+        settings.page_cache_items,
+        None if app.state.data_version.exact else settings.page_cache_max_age_s,
+    )
 
     app.add_middleware(SecurityHeadersMiddleware)
 
-    # Added last, so it runs first: the session is available to everything above.
+    # Added after the others, so it runs before them: the session is available to all.
+    secret_key = settings.secret_key or load_secret(engine)
     app.add_middleware(
         SessionMiddleware,
-        secret_key=settings.secret_key or load_secret(engine),
-        session_cookie="bmetrack_session",
+        secret_key=secret_key,
+        session_cookie=SESSION_COOKIE,
         max_age=settings.session_max_age_s,
         same_site="lax",
         https_only=settings.https_only,
+    )
+    # Outermost: cached pages for logged-in users are answered before any routing.
+    app.add_middleware(
+        CachedPageMiddleware,
+        secret_key=secret_key,
+        cookie_name=SESSION_COOKIE,
+        max_age_s=settings.session_max_age_s,
+        engine=engine,
+        data_version=app.state.data_version,
+        users=app.state.users,
+        pages=app.state.pages,
     )
 
     @app.exception_handler(NotLoggedInError)
@@ -252,6 +273,15 @@ def create_app(
         return PlainTextResponse(str(error.detail), status_code=error.status_code)
 
     app.mount("/static", StaticFiles(directory=_HERE / "static"), name="static")
-    for module in (routes_auth, routes_clinical, routes_imaging, routes_dashboard, routes_admin):
+    # routes_patients first: its /patients/new must match before /patients/{patient_id}.
+    routers = (
+        routes_auth,
+        routes_patients,
+        routes_clinical,
+        routes_imaging,
+        routes_dashboard,
+        routes_admin,
+    )
+    for module in routers:
         app.include_router(module.router)
     return app

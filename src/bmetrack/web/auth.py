@@ -21,7 +21,7 @@ import secrets
 import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -37,6 +37,7 @@ __all__ = [
     "CurrentUser",
     "LoginRateLimiter",
     "NotLoggedInError",
+    "UserCache",
     "check_csrf",
     "csrf_token",
     "load_secret",
@@ -115,11 +116,43 @@ _USER_QUERY = select(User.id, User.username, User.role, User.active).where(
 )
 
 
+class UserCache:
+    """Active users by id, read once per database data version.
+
+    Any committed write (a role change, a deactivation, even one made directly in
+    the database) gives a new data version, so a changed user is re-read at once.
+    """
+
+    def __init__(self, max_items: int = 1024) -> None:
+        self.max_items = max_items
+        self._users: dict[int, tuple[Hashable, CurrentUser | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, engine: Engine, version: Hashable, user_id: int) -> CurrentUser | None:
+        """The active user ``user_id`` at ``version``; None if unknown or deactivated."""
+        cached = self._users.get(user_id)
+        if cached is not None and cached[0] == version:
+            return cached[1]
+        with engine.connect() as connection:
+            row = connection.execute(_USER_QUERY, {"user_id": user_id}).one_or_none()
+        user = (
+            None
+            if row is None or not row.active
+            else CurrentUser(int(row.id), str(row.username), UserRole(row.role))
+        )
+        with self._lock:
+            if len(self._users) >= self.max_items:
+                self._users.clear()
+            self._users[user_id] = (version, user)
+        return user
+
+
 def require_roles(*roles: UserRole) -> Callable[[Request], Awaitable[CurrentUser]]:
     """Dependency: the logged-in, active user, whose role must be one of ``roles``.
 
     With no roles given any logged-in user passes. The user is re-read from
-    the database on every request, so deactivation and role changes apply at once.
+    the database whenever the data version changed (:class:`UserCache`), so
+    deactivation and role changes apply at once.
     """
     allowed = set(roles)
 
@@ -127,15 +160,13 @@ def require_roles(*roles: UserRole) -> Callable[[Request], Awaitable[CurrentUser
         user_id = request.session.get("user_id")
         if not isinstance(user_id, int):
             raise NotLoggedInError
-        engine: Engine = request.app.state.engine
-        # One primary-key Core query, on the event loop: this runs on every request,
-        # and a thread-pool hop costs more than the query.
-        with engine.connect() as connection:
-            row = connection.execute(_USER_QUERY, {"user_id": user_id}).one_or_none()
-        if row is None or not row.active:
+        state = request.app.state
+        # On the event loop: a cached user costs a dict lookup, a new one a primary-key
+        # query, and a thread-pool hop costs more than either.
+        current = state.users.get(state.engine, state.data_version.current(), user_id)
+        if current is None:
             request.session.clear()
             raise NotLoggedInError
-        current = CurrentUser(int(row.id), str(row.username), UserRole(row.role))
         if allowed and current.role not in allowed:
             raise HTTPException(
                 status_code=403,

@@ -389,7 +389,7 @@ def add_imaging_session(
         source_path=source_path,
     )
     session.add(imaging)
-    records._queue_create_audit(session, imaging, actor, reason)
+    records.queue_create_audit(session, imaging, actor, reason)
     return imaging
 
 
@@ -417,7 +417,7 @@ def update_imaging_session_series(
         for name, value in (("stir_series_uid", stir_series_uid), ("t1_series_uid", t1_series_uid))
         if value is not None
     }
-    return records._apply_changes(session, imaging, changes, actor, reason)
+    return records.apply_changes(session, imaging, changes, actor, reason)
 
 
 # --------------------------------------------------------------------------- inputs

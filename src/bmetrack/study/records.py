@@ -82,6 +82,7 @@ __all__ = [
     "add_treated_level",
     "add_visit",
     "add_visits",
+    "apply_changes",
     "assessment_is_empty",
     "check_nominal_month",
     "check_procedure_date",
@@ -103,6 +104,7 @@ __all__ = [
     "parse_text",
     "patient_audit",
     "patient_code_warnings",
+    "queue_create_audit",
     "remove_new_vcf_event",
     "require_actor",
     "same_value",
@@ -118,6 +120,7 @@ __all__ = [
     "validate_procedure_level",
     "validate_visit_date",
     "validation_problems",
+    "vcf_problems",
 ]
 
 PATIENT_CODE_PATTERN = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -646,7 +649,7 @@ def _row_values(obj: Base) -> dict[str, Any]:
     return values
 
 
-def _queue_create_audit(session: Session, obj: Base, actor: str, reason: str = "") -> None:
+def queue_create_audit(session: Session, obj: Base, actor: str, reason: str = "") -> None:
     """Write a 'create' event once the row has its id (at the next flush, batched)."""
     table = obj.__tablename__
 
@@ -749,7 +752,7 @@ def _check_version(obj: Base, expected_row_version: int | None) -> None:
         raise StaleRecordError(msg)
 
 
-def _apply_changes(
+def apply_changes(
     session: Session,
     obj: Base,
     changes: Mapping[str, Any],
@@ -829,7 +832,7 @@ def get_or_create_study(
     months = [int(m) for m in (nominal_months or resolve_settings()["nominal_months"])]
     study = Study(code=code, title=title, nominal_months=months)
     session.add(study)
-    _queue_create_audit(session, study, actor)
+    queue_create_audit(session, study, actor)
     return study
 
 
@@ -876,7 +879,7 @@ def add_patient(
     # Empty collections mark them loaded, so no lazy load after the flush.
     patient = Patient(study=study, procedures=[], visits=[], new_vcf_events=[], **clean)
     session.add(patient)
-    _queue_create_audit(session, patient, actor)
+    queue_create_audit(session, patient, actor)
     return patient
 
 
@@ -933,7 +936,7 @@ def update_patient(
                     )
                 )
     _raise_if(problems)
-    _apply_changes(session, patient, clean, actor, reason)
+    apply_changes(session, patient, clean, actor, reason)
     _flush_checked(session, patient)
     return patient
 
@@ -1013,7 +1016,7 @@ def add_procedure(
         treated_levels=[],
     )
     session.add(procedure)
-    _queue_create_audit(session, procedure, actor)
+    queue_create_audit(session, procedure, actor)
     for name, cement_ml in parsed_levels:
         _new_treated_level(session, procedure, name, cement_ml, actor)
     if earlier is not None and date < earlier and patient.visits:
@@ -1028,7 +1031,7 @@ def _new_treated_level(
         procedure=procedure, level=level, label=label_from_level(level), cement_volume_ml=cement_ml
     )
     session.add(treated)
-    _queue_create_audit(session, treated, actor)
+    queue_create_audit(session, treated, actor)
     return treated
 
 
@@ -1089,7 +1092,7 @@ def update_procedure(
     )
     _raise_if(problems)
     first_before = first_procedure_date(procedure.patient)
-    _apply_changes(session, procedure, clean, actor, reason)
+    apply_changes(session, procedure, clean, actor, reason)
     _flush_checked(session, procedure)
     if first_procedure_date(procedure.patient) != first_before:
         _recompute_windows(session, procedure.patient, actor, settings)
@@ -1114,7 +1117,7 @@ def update_treated_level(
     if "level" in clean and clean["level"] is not None:
         clean["label"] = label_from_level(clean["level"])
     _raise_if(problems)
-    _apply_changes(session, treated, clean, actor, reason)
+    apply_changes(session, treated, clean, actor, reason)
     return treated
 
 
@@ -1176,7 +1179,7 @@ def check_nominal_month(month: int | None, record: str, settings: Settings) -> l
     return []
 
 
-def _vcf_problems(
+def vcf_problems(
     patient: Patient,
     levels: Sequence[str],
     record: str,
@@ -1274,10 +1277,10 @@ def add_visits(
             )
             problems += assessment_problems
         key = id(patient)
-        levels, vcf_problems = _vcf_problems(
+        levels, new_vcf_problems = vcf_problems(
             patient, item.new_vcf_levels, record, pending=pending_vcf.get(key)
         )
-        problems += vcf_problems
+        problems += new_vcf_problems
         if date is None:
             continue
         pending_vcf.setdefault(key, {}).update(dict.fromkeys(levels, str(date)))
@@ -1321,11 +1324,11 @@ def add_visits(
             imaging_sessions=[],
         )
         session.add(visit)
-        _queue_create_audit(session, visit, actor)
+        queue_create_audit(session, visit, actor)
         if assessment:
             clinical = ClinicalAssessment(visit=visit, **assessment)
             session.add(clinical)
-            _queue_create_audit(session, clinical, actor)
+            queue_create_audit(session, clinical, actor)
         for level in levels:
             _new_vcf(session, item.patient, visit, level, date, "clinical", actor)
         created.append(visit)
@@ -1377,7 +1380,7 @@ def _recompute_windows(
         study_settings(patient.study, settings),
     )
     for visit, (month, status, days) in zip(visits, windows, strict=True):
-        _apply_changes(
+        apply_changes(
             session,
             visit,
             {"nominal_month": month, "window_status": status, "days_from_procedure": days},
@@ -1433,7 +1436,7 @@ def update_visit(
     first = first_procedure_date(patient)
     assert first is not None
     ((new_month, status, days),) = compute_visit_windows([date], [first], [month], settings)
-    _apply_changes(
+    apply_changes(
         session,
         visit,
         {
@@ -1499,9 +1502,9 @@ def update_assessment(
     if clinical is None:
         clinical = ClinicalAssessment(visit=visit, **clean)
         session.add(clinical)
-        _queue_create_audit(session, clinical, actor, reason)
+        queue_create_audit(session, clinical, actor, reason)
         return clinical
-    _apply_changes(session, clinical, clean, actor, reason)
+    apply_changes(session, clinical, clean, actor, reason)
     _flush_checked(session, clinical)
     return clinical
 
@@ -1519,7 +1522,7 @@ def _new_vcf(
     session.add(vcf)
     if visit is not None:
         _link_vcf_visit(session, vcf, visit)
-    _queue_create_audit(session, vcf, actor)
+    queue_create_audit(session, vcf, actor)
     return vcf
 
 
@@ -1555,7 +1558,7 @@ def add_new_vcf_event(
     record = f"new VCF of patient {patient.code}"
     check = FieldChecker(record)
     date = check.parse({"detected_date": detected_date}, "detected_date", parse_date, required=True)
-    levels, problems = _vcf_problems(patient, [level], record)
+    levels, problems = vcf_problems(patient, [level], record)
     problems = check.problems + problems
     if date is not None and patient.birth_year is not None and date.year < patient.birth_year:
         problems.append(
@@ -1683,7 +1686,7 @@ def add_measurement(
         **clean,
     )
     session.add(measurement)
-    _queue_create_audit(session, measurement, actor)
+    queue_create_audit(session, measurement, actor)
     if old is not None:
         _supersede(session, old, measurement, actor, "replaced by a new measurement")
     return measurement
@@ -1834,7 +1837,7 @@ def _supersede(
 ) -> None:
     _flush_checked(session, old)  # the new row needs its id
     new.supersedes_id = old.id
-    _apply_changes(session, old, {"superseded_by_id": new.id}, actor, reason)
+    apply_changes(session, old, {"superseded_by_id": new.id}, actor, reason)
     _flush_checked(session, old)
 
 
@@ -1896,7 +1899,7 @@ def override_measurement(
         **{**values, **clean},
     )
     session.add(new)
-    _queue_create_audit(session, new, actor, reason)
+    queue_create_audit(session, new, actor, reason)
     _supersede(session, old, new, actor, reason)
     for name, value in clean.items():
         if not same_value(values[name], value):

@@ -95,10 +95,10 @@ def _visit_problems(
                 first_procedure_date=records.first_procedure_date(patient),
                 settings=settings,
             )
-        _, vcf_problems = records._vcf_problems(
+        _, new_vcf_problems = records.vcf_problems(
             patient, _levels(values.get("new_vcf_levels", "")), record
         )
-        problems += vcf_problems
+        problems += new_vcf_problems
     return problems
 
 

@@ -970,29 +970,8 @@ def add_procedure(
         {"procedure_date": procedure_date, "procedure_type": procedure_type, "notes": notes},
         record,
     )
-    if not levels:
-        problems.append(Problem(record, "levels", [], "name at least one treated level"))
-    parsed_levels: list[tuple[str, float | None]] = []
-    seen: set[str] = set()
-    for level, cement_ml in levels:
-        level_clean, level_problems = validate_procedure_level(
-            {"level": level, "cement_volume_ml": cement_ml}, f"{record}, level {level}"
-        )
-        problems += level_problems
-        name = level_clean.get("level")
-        if name is None:
-            continue
-        if name in seen:
-            problems.append(
-                Problem(
-                    record,
-                    "level",
-                    level,
-                    "this level is treated twice in one procedure; list each level once",
-                )
-            )
-        seen.add(name)
-        parsed_levels.append((name, level_clean.get("cement_volume_ml")))
+    parsed_levels, level_problems = _treated_level_list(levels, record)
+    problems += level_problems
     date = clean.get("procedure_date")
     problems += check_procedure_date(date, patient.birth_year, record)
     if date is not None and any(p.procedure_date == date for p in patient.procedures):

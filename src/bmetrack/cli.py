@@ -462,25 +462,105 @@ def _measure_study(
     )
 
 
+def _export_dicom_form_error(
+    folder_options: dict[str, object], database_options: dict[str, object], study: str | None
+) -> str | None:
+    """Why the options mix or miss the two forms of export-dicom, or None when they are fine."""
+    given_folder = [name for name, value in folder_options.items() if value]
+    given_database = [name for name, value in database_options.items() if value]
+    if study is not None and given_folder:
+        return (
+            f"{', '.join(given_folder)} (folder form) cannot be combined with --study: the "
+            "database form uses each session's filed images and stored settings. Give either "
+            "--stir/--t1 or --study."
+        )
+    if study is None and given_database:
+        return f"{', '.join(given_database)} (database form) need --study."
+    if study is None and not ({"--stir", "--t1"} <= set(given_folder)):
+        return (
+            "give --stir and --t1 (measure two series folders), or --study [--db URL] "
+            "[--session UID ...] (export the measured sessions stored in the database)."
+        )
+    return None
+
+
 @app.command("export-dicom")
 def export_dicom_command(
-    stir: Annotated[Path, typer.Option(help="Folder holding the STIR DICOM series.")],
-    t1: Annotated[Path, typer.Option(help="Folder holding the T1 DICOM series.")],
     out: Annotated[Path, typer.Option(help="Folder for seg.dcm and sr.dcm.")],
+    stir: Annotated[
+        Path | None, typer.Option(help="Folder holding the STIR DICOM series (folder form).")
+    ] = None,
+    t1: Annotated[
+        Path | None, typer.Option(help="Folder holding the T1 DICOM series (folder form).")
+    ] = None,
     labels: Annotated[
         Path | None, typer.Option(help="External label map instead of the built-in segmenter.")
     ] = None,
     lowest_level: LowestLevelOption = None,
     set_: SetOption = None,
+    study: Annotated[
+        str | None,
+        typer.Option(
+            "--study",
+            help="Database form: export every measured imaging session of this study to "
+            "OUT/<patient>/<visit date>/.",
+        ),
+    ] = None,
+    session: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--session", metavar="STUDY_UID", help="Only this session (repeatable; --study)."
+        ),
+    ] = None,
+    db: DbOption = None,
+    push: Annotated[
+        str | None,
+        typer.Option("--push", metavar="URL", help="Also store both objects here (STOW-RS)."),
+    ] = None,
 ) -> None:
-    """Measure one study and write a DICOM Segmentation and a TID 1500 report for PACS."""
+    """Write a DICOM SEG and a TID 1500 SR: of --stir/--t1, or per session of --study."""
+    folder_options: dict[str, object] = {"--stir": stir, "--t1": t1, "--labels": labels}
+    folder_options |= {"--lowest-level": lowest_level, "--set": set_}
+    database_options: dict[str, object] = {"--db": db, "--session": session}
+    problem = _export_dicom_form_error(folder_options, database_options, study)
+    if problem is not None:
+        err_console.print(f"[bold red]error:[/] {problem}", highlight=False, soft_wrap=True)
+        raise typer.Exit(2)
+    if study is not None:
+        _export_sessions(study, out, db, session, push)
+        return
+    assert stir is not None and t1 is not None
     from bmetrack.imaging.dicom_export import write_dicom_exports
 
     with _reported_errors():
-        study = _measure_study(stir, t1, set_, lowest_level, labels)
-        paths = write_dicom_exports(stir, study, out, t1_folder=t1)
+        measured = _measure_study(stir, t1, set_, lowest_level, labels)
+        paths = write_dicom_exports(stir, measured, out, t1_folder=t1)
     for name, path in paths.items():
         typer.echo(f"{name}  {path}")
+    if push is not None:
+        import pydicom
+
+        from bmetrack.pacs.dicomweb import stow_and_check
+
+        result = stow_and_check(push, [pydicom.dcmread(path) for path in paths.values()])
+        typer.echo(result.summary())
+        if not result.ok:
+            raise typer.Exit(1)
+
+
+def _export_sessions(
+    study: str, out: Path, db: str | None, sessions: list[str] | None, push: str | None
+) -> None:
+    from bmetrack.pacs.session_export import export_sessions
+    from bmetrack.study.db import make_engine, require_current_schema
+
+    with _reported_errors():
+        engine = make_engine(db)
+        require_current_schema(engine)
+        report = export_sessions(engine, study, out, session_uids=sessions, push_url=push)
+    typer.echo(report.summary())
+    if not report.ok:
+        raise typer.Exit(1)
 
 
 @app.command("segment")
@@ -577,8 +657,19 @@ def pull_command(
     ] = None,
     dimse: Annotated[
         str | None,
-        typer.Option("--dimse", metavar="HOST:PORT:AET", help="PACS for C-FIND + C-MOVE."),
+        typer.Option(
+            "--dimse", metavar="HOST:PORT:AET", help="PACS for C-FIND + C-MOVE (or C-GET)."
+        ),
     ] = None,
+    retrieve: Annotated[
+        str,
+        typer.Option(
+            "--retrieve",
+            metavar="move|get",
+            help="DIMSE retrieval: C-MOVE to our --port, or C-GET over our own association "
+            "(when the PACS cannot connect to us).",
+        ),
+    ] = "move",
     pseudonym_map: PseudonymMapOption = None,
     date_from: Annotated[
         str | None, typer.Option("--from", metavar="DATE", help="First study date.")
@@ -619,6 +710,7 @@ def pull_command(
                 uid_secret=uid_secret,
                 ae_title=ae_title,
                 listen_port=port,
+                retrieve=retrieve,
                 settings=_settings(set_),
             )
         except (DimseError, ValueError, OSError) as error:

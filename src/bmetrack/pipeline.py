@@ -38,6 +38,7 @@ __all__ = [
     "measure_session",
     "pending_sessions",
     "quantify_all",
+    "quantify_job",
 ]
 
 METHOD_NAME = "bmetrack.quantify"
@@ -136,18 +137,27 @@ def _failure_detail(error: BaseException) -> str:
     return "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
+def quantify_job(job: SessionJob, settings: Settings) -> Any:
+    """Read the session's STIR and T1 from where import-dicom filed them and measure them.
+
+    Returns the `bmetrack.imaging.quantify.StudyQuantification` (masks included).
+    """
+    from bmetrack.imaging.dicom import read_series
+    from bmetrack.imaging.quantify import quantify_study
+
+    stir = read_series(job.source_path, series_uid=job.stir_series_uid)
+    t1 = read_series(job.source_path, series_uid=job.t1_series_uid)
+    return quantify_study(stir, t1, settings)
+
+
 def measure_session(
     job: SessionJob, settings_values: dict[str, Any], overlay_dir: str | None = None
 ) -> SessionResult:
     """Worker side: read both series, quantify, optionally write overlays. Never raises."""
     try:
-        from bmetrack.imaging.dicom import read_series
-        from bmetrack.imaging.quantify import quantify_study, write_vertebra_overlays
+        from bmetrack.imaging.quantify import write_vertebra_overlays
 
-        settings = resolve_settings(settings_values)
-        stir = read_series(job.source_path, series_uid=job.stir_series_uid)
-        t1 = read_series(job.source_path, series_uid=job.t1_series_uid)
-        study = quantify_study(stir, t1, settings)
+        study = quantify_job(job, resolve_settings(settings_values))
         overlays: dict[str, str] = {}
         if overlay_dir is not None:
             month = "" if job.nominal_month is None else f"month {job.nominal_month}"

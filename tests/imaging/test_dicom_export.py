@@ -259,3 +259,80 @@ def test_missing_numbers_are_left_out(study, tmp_path):
     assert "height_loss_percent" not in got
     assert got["heights_mm"] == {"anterior": 20.0, "posterior": 25.0}
     assert (got["genant_grade"], got["deformity"], got["bme_present"]) == (0, "none", False)
+
+
+def test_overrides_are_reported_with_author_reason_and_automatic_value(study, tmp_path):
+    """The SR reports what the analysis uses: a radiologist's value, who set it and why, and
+    the automatic value it replaced; a relabelled body keeps pointing at its own segment."""
+    import datetime as dt
+
+    from bmetrack.anatomy import level_from_label
+    from bmetrack.imaging.dicom_export import build_dicom_exports, save_dicom_exports
+
+    result = study["result"]
+    automatic = {v["level"]: v for v in result.quantification.to_contract_dict()["vertebrae"]}
+    top = min(automatic.values(), key=lambda v: v["label"])
+    above = level_from_label(top["label"] - 1)
+    when = dt.datetime(2026, 1, 2, 3, 4, 5)
+    edited = dict(automatic)
+    edited["L3"] = {
+        **automatic["L3"],
+        "bme_percent": 12.5,
+        "genant_grade": 1,
+        "override": {
+            "by": "dr.reader",
+            "reason": "edema overestimated",
+            "at": when,
+            "automatic": {
+                "bme_percent": automatic["L3"]["bme_percent"],
+                "genant_grade": automatic["L3"]["genant_grade"],
+            },
+        },
+    }
+    edited[top["level"]] = {
+        **top,
+        "level": above,
+        "label": top["label"] - 1,
+        "segment_level": top["level"],
+        "override": {
+            "by": "dr.reader",
+            "reason": "miscounted",
+            "automatic": {"level": top["level"]},
+        },
+    }
+    seg, sr = build_dicom_exports(result, vertebrae=list(edited.values()))
+    paths = save_dicom_exports(seg, sr, tmp_path)
+    assert not [line for line in _dciodvfy(paths["sr"]) if line.startswith("Error")]
+
+    back = {v["level"]: v for v in read_measurement_report(paths["sr"])}
+    assert set(back) == (set(automatic) - {top["level"]}) | {above}
+    assert automatic["L3"]["bme_percent"] != 12.5  # the override really changes the value
+    assert back["L3"]["bme_percent"] == 12.5
+    assert back["L3"]["genant_grade"] == 1
+    assert back["L3"]["override"] == {
+        "by": "dr.reader",
+        "reason": "edema overestimated",
+        "at": "20260102030405",
+        "automatic": {
+            "bme_percent": automatic["L3"]["bme_percent"],
+            "genant_grade": automatic["L3"]["genant_grade"],
+        },
+    }
+    assert back[above]["override"]["automatic"] == {"level": top["level"]}
+    assert back[above]["body_volume_ml"] == top["body_volume_ml"]
+    untouched = set(automatic) - {"L3", top["level"]}
+    assert untouched and not any("override" in back[level] for level in untouched)
+    # The relabelled group references the segment of the body it was measured on.
+    numbers = {str(s.SegmentLabel): int(s.SegmentNumber) for s in seg.SegmentSequence}
+    group = next(
+        g
+        for g in hd.sr.srread(paths["sr"]).content.get_volumetric_roi_measurement_groups()
+        if str(g.tracking_identifier) == f"{above} vertebral body"
+    )
+    assert group.referenced_segment.referenced_segment_numbers == [
+        numbers[f"{top['level']} vertebral body"]
+    ]
+    with pytest.raises(ValueError, match="must name who overrode"):
+        export_measurement_report(
+            study["stir_datasets"], seg, [{**automatic["L3"], "override": {"by": "x"}}], {}
+        )

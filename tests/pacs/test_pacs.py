@@ -1,13 +1,10 @@
-"""PACS: PS3.15 de-identification on arrival; pull with DICOMweb and DIMSE from a real Orthanc,
-filed by import_dicom; STOW-RS of a SEG back into Orthanc."""
+"""PACS: PS3.15 de-identification on arrival; pull with DICOMweb and DIMSE (C-MOVE and C-GET)
+from a real Orthanc (the ``orthanc`` fixture of conftest.py), filed by import_dicom; STOW-RS of
+a SEG back into Orthanc."""
 
 from __future__ import annotations
 
 import datetime as dt
-import json
-import shutil
-import socket
-import subprocess
 import time
 import warnings
 from pathlib import Path
@@ -162,86 +159,6 @@ def test_dimse_address_is_parsed_and_checked():
 
 # --- against a real Orthanc -------------------------------------------------------------------
 
-ORTHANC = shutil.which("Orthanc")
-_PLUGIN_DIRS = (Path("/usr/share/orthanc/plugins"), Path("/usr/lib/orthanc"))
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _dicomweb_plugin() -> Path | None:
-    for folder in _PLUGIN_DIRS:
-        hits = sorted(folder.glob("libOrthancDicomWeb.so*")) if folder.is_dir() else []
-        if hits:
-            return hits[0]
-    return None
-
-
-@pytest.fixture(scope="module")
-def orthanc(tmp_path_factory):
-    """A private Orthanc with the DICOMweb plugin on loopback ports, stopped at the end."""
-    if ORTHANC is None:
-        pytest.skip("the Orthanc binary is absent (apt-get install orthanc orthanc-dicomweb)")
-    plugin = _dicomweb_plugin()
-    if plugin is None:
-        pytest.skip("the Orthanc DICOMweb plugin is absent (apt-get install orthanc-dicomweb)")
-    import requests
-
-    root = tmp_path_factory.mktemp("orthanc")
-    http_port, dicom_port, our_port = _free_port(), _free_port(), _free_port()
-    config = {
-        "Name": "bmetrack-test",
-        "StorageDirectory": str(root / "storage"),
-        "IndexDirectory": str(root / "index"),
-        "HttpPort": http_port,
-        "DicomPort": dicom_port,
-        "DicomAet": "ORTHANC",
-        "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": False,
-        "DicomCheckCalledAet": False,
-        "DicomAlwaysAllowFind": True,
-        "DicomAlwaysAllowMove": True,
-        "DicomModalities": {"bmetrack": ["BMETRACK", "127.0.0.1", our_port]},
-        "Plugins": [str(plugin)],
-        "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
-    }
-    config_path = root / "orthanc.json"
-    config_path.write_text(json.dumps(config))
-    log = (root / "orthanc.log").open("w")
-    process = subprocess.Popen(
-        [ORTHANC, str(config_path)], stdout=log, stderr=subprocess.STDOUT, cwd=root
-    )
-    base = f"http://127.0.0.1:{http_port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if requests.get(f"{base}/system", timeout=1).ok:
-                    break
-            except requests.RequestException:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                text = (root / "orthanc.log").read_text()[-2000:]
-                pytest.fail(f"Orthanc did not start:\n{text}")
-            time.sleep(0.2)
-        yield {
-            "base": base,
-            "dicomweb": f"{base}/dicom-web",
-            "dimse": f"127.0.0.1:{dicom_port}:ORTHANC",
-            "our_port": our_port,
-        }
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        log.close()
-
 
 @pytest.fixture(scope="module")
 def pacs_studies(orthanc, tmp_path_factory):
@@ -385,6 +302,66 @@ def test_pull_with_dimse_find_and_move_to_our_listener(orthanc, pacs_studies, tm
     assert find_studies(host, port, aet, "MRN-0002", dates=early) == [
         pacs_studies["MRN-0002"]["study_uid"]
     ]
+
+
+@pytest.mark.slow
+def test_pull_with_dimse_c_get_needs_no_receiver(orthanc, pacs_studies, tmp_path):
+    from bmetrack.pacs.pull import pull_study
+
+    engine = _study_db(tmp_path / "get.db")
+    out = tmp_path / "got"
+    # Nothing listens on our port: every instance must come back on our own association.
+    pulled, filed = pull_study(
+        engine,
+        "S",
+        out,
+        actor="test",
+        dimse=orthanc["dimse"],
+        pseudonym_map=PSEUDONYMS,
+        uid_secret="k",
+        retrieve="get",
+    )
+    assert sorted(pulled.studies) == sorted(s["study_uid"] for s in pacs_studies.values())
+    assert pulled.warnings == []
+    _check_pulled(engine, out, pacs_studies, filed)
+    # The same secret gives the same de-identified UIDs as a C-MOVE or DICOMweb pull would.
+    original = pacs_studies["MRN-0001"]["study_uid"]
+    uids = {pydicom.dcmread(f, stop_before_pixels=True).StudyInstanceUID for f in pulled.files}
+    assert remap_uid(original, "k") in uids
+
+
+def test_retrieve_choice_is_checked():
+    from bmetrack.pacs.dimse import Retrieve, parse_retrieve
+    from bmetrack.pacs.pull import pull_study
+
+    assert parse_retrieve("GET") is Retrieve.GET
+    with pytest.raises(ValueError, match="'move' \\(C-MOVE\\) or 'get'"):
+        parse_retrieve("fetch")
+    with pytest.raises(ValueError, match="applies to dimse only"):
+        pull_study(None, "S", "unused", actor="t", dicomweb="http://x", retrieve="get")  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+def test_cli_pull_with_c_get(orthanc, pacs_studies, tmp_path):
+    from typer.testing import CliRunner
+
+    from bmetrack.cli import app
+
+    engine = _study_db(tmp_path / "cli-get.db")
+    mapping = tmp_path / "map.csv"
+    rows = "".join(f"{mrn},{code}\n" for mrn, code in PSEUDONYMS.items())
+    mapping.write_text("dicom_patient_id,patient_code\n" + rows)
+    args = ["pull", "--study", "S", "--dimse", orthanc["dimse"], "--retrieve", "get"]
+    args += ["--db", str(tmp_path / "cli-get.db"), "--pseudonym-map", str(mapping)]
+    args += ["--out", str(tmp_path / "out")]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "fetched 2 studies" in result.output
+    with session_scope(engine) as session:
+        assert len(session.scalars(select(ImagingSession)).all()) == 2
+    bad = CliRunner().invoke(app, [*args[:5], "--retrieve", "fetch", *args[7:]])
+    assert bad.exit_code == 2
+    assert "'move' (C-MOVE) or 'get'" in bad.output
 
 
 @pytest.mark.slow

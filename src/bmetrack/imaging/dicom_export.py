@@ -8,7 +8,9 @@ PACS viewers and other tools read without bmetrack:
 - a Comprehensive 3D SR holding a TID 1500 Measurement Report with one TID 1411 volumetric ROI
   group per vertebral body (referencing its segment): body, edema, cement and rim volumes, BME
   percent, anterior/middle/posterior heights, height loss, Genant grade and deformity type as
-  qualitative evaluations, and the algorithm version and settings.
+  qualitative evaluations, and the algorithm version and settings. A value a radiologist
+  overrode is reported as overridden, with TEXT items naming who overrode it, why, and the
+  automatic value it replaced.
 
 Both reference the source STIR series (and the T1 series when given). Standard SNOMED CT /
 DICOM codes are used where pydicom's code dictionaries hold one; concepts without a standard
@@ -37,9 +39,11 @@ from bmetrack.imaging.errors import ImagingError
 __all__ = [
     "MASK_NAMES",
     "PRIVATE_SCHEME",
+    "build_dicom_exports",
     "export_measurement_report",
     "export_segmentation",
     "read_measurement_report",
+    "save_dicom_exports",
     "vertebra_code",
     "write_dicom_exports",
 ]
@@ -72,6 +76,10 @@ HEIGHT_POSTERIOR = _private("HEIGHT-POST", "Posterior vertebral body height")
 HEIGHT_LOSS = _private("HEIGHT-LOSS", "Vertebral body height loss")
 GENANT_GRADE = _private("GENANT-GRADE", "Genant semiquantitative grade")
 DEFORMITY_TYPE = _private("DEFORMITY-TYPE", "Vertebral deformity type")
+OVERRIDDEN_BY = _private("OVERRIDDEN-BY", "Value overridden by")
+OVERRIDE_REASON = _private("OVERRIDE-REASON", "Reason for override")
+OVERRIDE_DATETIME = _private("OVERRIDE-TIME", "Date and time of override")
+AUTOMATIC_VALUE = _private("AUTOMATIC-VALUE", "Automatic value before override")
 
 GENANT_VALUES: dict[int, hd.sr.CodedConcept] = {
     0: _private("GENANT-0", "Genant grade 0 (normal)"),
@@ -406,7 +414,11 @@ def export_measurement_report(
         ``bmetrack quantify`` contract dicts (CLI-CONTRACT.md): level, label, body_volume_ml,
         edema_volume_ml, cement_volume_ml, rim_volume_ml, bme_percent, bme_present,
         heights_mm {anterior, middle, posterior}, height_loss_percent, genant_grade,
-        deformity. Missing or non-finite numbers are left out of the report.
+        deformity. Missing or non-finite numbers are left out of the report. Optional keys:
+        ``segment_level``, the level of the body's segment when a radiologist relabelled it
+        (default ``level``); ``override``, a dict with ``by`` (who), ``reason``, ``at``
+        (datetime, optional) and ``automatic`` (field -> the automatic value it replaced),
+        written as TEXT / DATETIME items of the group (see `read_measurement_report`).
     provenance : dict
         `StudyQuantification.provenance()`: written as the algorithm version and parameters.
     series_number : int
@@ -437,11 +449,12 @@ def export_measurement_report(
     groups = []
     for vertebra in vertebrae:
         level = str(vertebra["level"])
-        if level not in segment_numbers:
+        segment_level = str(vertebra.get("segment_level") or level)
+        if segment_level not in segment_numbers:
             msg = (
-                f"vertebrae names level {level!r} but the segmentation has no "
-                f"'{level}{_BODY_SUFFIX}' segment (it has {sorted(segment_numbers)}); build "
-                "both from the same quantification."
+                f"vertebrae names level {segment_level!r} but the segmentation has no "
+                f"'{segment_level}{_BODY_SUFFIX}' segment (it has {sorted(segment_numbers)}); "
+                "build both from the same quantification."
             )
             raise ValueError(msg)
         measurements = [
@@ -472,19 +485,21 @@ def export_measurement_report(
             evaluations.append(
                 hd.sr.QualitativeEvaluation(name=DEFORMITY_TYPE, value=DEFORMITY_VALUES[deformity])
             )
-        groups.append(
-            hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-                tracking_identifier=hd.sr.TrackingIdentifier(
-                    uid=hd.UID(), identifier=f"{level}{_BODY_SUFFIX}"
-                ),
-                referenced_segment=_referenced_segment(segmentation, segment_numbers[level]),
-                finding_type=VERTEBRAL_BODY,
-                finding_sites=[hd.sr.FindingSite(vertebra_code(level))],
-                algorithm_id=algorithm,
-                measurements=measurements,
-                qualitative_evaluations=evaluations or None,
-            )
+        group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=hd.UID(), identifier=f"{level}{_BODY_SUFFIX}"
+            ),
+            referenced_segment=_referenced_segment(segmentation, segment_numbers[segment_level]),
+            finding_type=VERTEBRAL_BODY,
+            finding_sites=[hd.sr.FindingSite(vertebra_code(level))],
+            algorithm_id=algorithm,
+            measurements=measurements,
+            qualitative_evaluations=evaluations or None,
         )
+        if vertebra.get("override"):
+            # highdicom builds CODE evaluations only; TID 1501 groups may also CONTAIN TEXT.
+            group[0].ContentSequence.extend(_override_items(vertebra["override"], level))
+        groups.append(group)
 
     observer = hd.sr.ObserverContext(
         observer_type=codes.DCM.Device,
@@ -514,6 +529,62 @@ def export_measurement_report(
     return sr
 
 
+def _format_value(value: Any) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(value)
+
+
+def _parse_value(text: str) -> Any:
+    if text in ("True", "False"):
+        return text == "True"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return None if text == "None" else text
+
+
+def _override_items(override: Mapping[str, Any], level: str) -> list[Any]:
+    """TEXT (who, why, each replaced automatic value) and DATETIME (when) items."""
+    by, reason = str(override.get("by") or ""), str(override.get("reason") or "")
+    if not by or not reason:
+        msg = (
+            f"vertebrae[{level}]['override'] must name who overrode ('by') and why "
+            f"('reason'); got by={by!r}, reason={reason!r}."
+        )
+        raise ValueError(msg)
+    contains = hd.sr.RelationshipTypeValues.CONTAINS
+    items: list[Any] = [
+        hd.sr.TextContentItem(OVERRIDDEN_BY, by, contains),
+        hd.sr.TextContentItem(OVERRIDE_REASON, reason, contains),
+    ]
+    if override.get("at") is not None:
+        items.append(hd.sr.DateTimeContentItem(OVERRIDE_DATETIME, override["at"], contains))
+    for key, value in (override.get("automatic") or {}).items():
+        text = f"{key}={_format_value(value)}"
+        items.append(hd.sr.TextContentItem(AUTOMATIC_VALUE, text, contains))
+    return items
+
+
+def _read_override(group: Any) -> dict[str, Any] | None:
+    override: dict[str, Any] = {}
+    for item in getattr(group[0], "ContentSequence", []):
+        name = item.ConceptNameCodeSequence[0]
+        if name.get("CodingSchemeDesignator") != PRIVATE_SCHEME:
+            continue
+        code = name.get("CodeValue") or name.get("LongCodeValue")
+        if code == OVERRIDDEN_BY.value:
+            override["by"] = str(item.TextValue)
+        elif code == OVERRIDE_REASON.value:
+            override["reason"] = str(item.TextValue)
+        elif code == OVERRIDE_DATETIME.value:
+            override["at"] = str(item.DateTime)
+        elif code == AUTOMATIC_VALUE.value:
+            key, _, value = str(item.TextValue).partition("=")
+            override.setdefault("automatic", {})[key] = _parse_value(value)
+    return override or None
+
+
 # ------------------------------------------------------------------------------- read back
 def _code_key(code: Any) -> tuple[str, str]:
     return (str(code.scheme_designator), str(code.value))
@@ -525,7 +596,8 @@ def read_measurement_report(
     """Per-vertebra contract dicts back from a report written by `export_measurement_report`.
 
     Values missing from the report are absent from the dicts; ``label`` is set for named
-    levels only.
+    levels only. An overridden vertebra has ``override``: ``by``, ``reason``, ``at`` (DICOM
+    DT string, when recorded) and ``automatic`` (field -> automatic value it replaced).
     """
     report: Any = sr.content if isinstance(sr, hd.sr.Comprehensive3DSR) else None
     if not isinstance(report, hd.sr.MeasurementReport):
@@ -561,6 +633,9 @@ def read_measurement_report(
                 vertebra["genant_grade"] = genant[value]
             elif name == _code_key(DEFORMITY_TYPE):
                 vertebra["deformity"] = deformities[value]
+        override = _read_override(group)
+        if override is not None:
+            vertebra["override"] = override
         out.append(vertebra)
     return out
 
@@ -603,6 +678,94 @@ def _check_geometry(datasets: Sequence[Dataset], volume: Any) -> None:
             raise ImagingError(msg)
 
 
+def build_dicom_exports(
+    quantify_result: Any,
+    *,
+    stir_folder: str | Path | None = None,
+    t1_folder: str | Path | None = None,
+    vertebrae: Sequence[Mapping[str, Any]] | None = None,
+    provenance: Mapping[str, Any] | None = None,
+    seg_series_number: int = 901,
+    sr_series_number: int = 902,
+) -> tuple[hd.seg.Segmentation, hd.sr.Comprehensive3DSR]:
+    """The SEG and the SR of one measured study (the one builder of every export path).
+
+    Parameters
+    ----------
+    quantify_result : bmetrack.imaging.quantify.StudyQuantification
+        Its measurements (labels, masks and vertebrae on the STIR grid).
+    stir_folder, t1_folder : path, optional
+        Folders of the STIR and T1 series that were quantified; by default the files recorded
+        in the volumes' metadata (``source_files``).
+    vertebrae : sequence of dict, optional
+        What the SR reports (see `export_measurement_report`, overrides included); by default
+        the automatic measurements of ``quantify_result``.
+    provenance : mapping, optional
+        Recorded in both objects; by default ``quantify_result.provenance()``.
+    seg_series_number, sr_series_number : int
+        SeriesNumber of the SEG and SR series.
+
+    Returns
+    -------
+    (highdicom.seg.Segmentation, highdicom.sr.Comprehensive3DSR)
+    """
+    stir = quantify_result.stir
+    stir_datasets = _read_datasets(
+        _source_files(stir, Path(stir_folder) if stir_folder is not None else None)
+    )
+    _check_geometry(stir_datasets, stir)
+    t1_files = _source_files(
+        quantify_result.t1_on_stir, Path(t1_folder) if t1_folder is not None else None
+    )
+    study_uid = str(stir_datasets[0].StudyInstanceUID)
+    t1_datasets = [
+        ds
+        for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in t1_files)
+        if str(ds.StudyInstanceUID) == study_uid
+    ]
+    provenance = dict(provenance or quantify_result.provenance())
+    quantification = quantify_result.quantification
+    seg = export_segmentation(
+        stir_datasets,
+        quantify_result.segmentation.labels.array,
+        {name: quantification.masks[name] for name in MASK_NAMES if name in quantification.masks},
+        quantify_result.level_names,
+        series_number=seg_series_number,
+        software_version=str(provenance.get("bmetrack_version", __version__)),
+        further_source_datasets=t1_datasets,
+        provenance=provenance,
+    )
+    if vertebrae is None:
+        vertebrae = quantification.to_contract_dict()["vertebrae"]
+    sr = export_measurement_report(
+        stir_datasets,
+        seg,
+        vertebrae,
+        provenance,
+        series_number=sr_series_number,
+        t1_datasets=t1_datasets,
+    )
+    return seg, sr
+
+
+def save_dicom_exports(
+    segmentation: Dataset, report: Dataset, out_folder: str | Path
+) -> dict[str, Path]:
+    """Write ``seg.dcm`` and ``sr.dcm`` into ``out_folder`` (created if needed).
+
+    Returns
+    -------
+    dict
+        ``{"seg": path, "sr": path}``.
+    """
+    out = Path(out_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"seg": out / "seg.dcm", "sr": out / "sr.dcm"}
+    segmentation.save_as(paths["seg"])
+    report.save_as(paths["sr"])
+    return paths
+
+
 def write_dicom_exports(
     stir_folder: str | Path,
     quantify_result: Any,
@@ -632,42 +795,11 @@ def write_dicom_exports(
     dict
         ``{"seg": path, "sr": path}``.
     """
-    stir_folder = Path(stir_folder)
-    out = Path(out_folder)
-    stir = quantify_result.stir
-    stir_datasets = _read_datasets(_source_files(stir, stir_folder))
-    _check_geometry(stir_datasets, stir)
-    t1_files = _source_files(
-        quantify_result.t1_on_stir, Path(t1_folder) if t1_folder is not None else None
+    seg, sr = build_dicom_exports(
+        quantify_result,
+        stir_folder=stir_folder,
+        t1_folder=t1_folder,
+        seg_series_number=seg_series_number,
+        sr_series_number=sr_series_number,
     )
-    study_uid = str(stir_datasets[0].StudyInstanceUID)
-    t1_datasets = [
-        ds
-        for ds in (pydicom.dcmread(f, stop_before_pixels=True) for f in t1_files)
-        if str(ds.StudyInstanceUID) == study_uid
-    ]
-    provenance = quantify_result.provenance()
-    quantification = quantify_result.quantification
-    seg = export_segmentation(
-        stir_datasets,
-        quantify_result.segmentation.labels.array,
-        {name: quantification.masks[name] for name in MASK_NAMES if name in quantification.masks},
-        quantify_result.level_names,
-        series_number=seg_series_number,
-        software_version=str(provenance.get("bmetrack_version", __version__)),
-        further_source_datasets=t1_datasets,
-        provenance=provenance,
-    )
-    sr = export_measurement_report(
-        stir_datasets,
-        seg,
-        quantification.to_contract_dict()["vertebrae"],
-        provenance,
-        series_number=sr_series_number,
-        t1_datasets=t1_datasets,
-    )
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {"seg": out / "seg.dcm", "sr": out / "sr.dcm"}
-    seg.save_as(paths["seg"])
-    sr.save_as(paths["sr"])
-    return paths
+    return save_dicom_exports(seg, sr, out_folder)

@@ -16,7 +16,7 @@ from pydicom import Dataset
 
 from bmetrack.pacs.deidentify import Deidentifier
 
-__all__ = ["PullReport", "date_range", "pull_dicomweb", "push_stow"]
+__all__ = ["PullReport", "StowResult", "date_range", "pull_dicomweb", "push_stow", "stow_and_check"]
 
 
 @dataclass
@@ -27,11 +27,17 @@ class PullReport:
     studies: list[str] = field(default_factory=list)  # original StudyInstanceUIDs fetched
     files: list[Path] = field(default_factory=list)  # de-identified files written
     skipped: str = ""  # PatientIDs without pseudonym, as a message
+    warnings: list[str] = field(default_factory=list)  # e.g. instances the PACS did not send
 
     def summary(self) -> str:
-        """One line for people."""
+        """One line for people (and one per warning)."""
         line = f"fetched {len(self.studies)} studies, wrote {len(self.files)} files"
-        return f"{line}; {self.skipped}" if self.skipped else line
+        line = f"{line}; {self.skipped}" if self.skipped else line
+        return "\n".join([line, *(f"  warning: {text}" for text in self.warnings)])
+
+
+_HTTP_ATTEMPTS = 3
+_HTTP_BACKOFF_MS = 500
 
 
 def _da(value: dt.date | str | None) -> str:
@@ -63,7 +69,13 @@ def _client(url: str) -> Any:
     except ImportError as error:  # pragma: no cover - depends on the install
         msg = "DICOMweb needs dicomweb-client: pip install 'bmetrack[pacs]'"
         raise ImportError(msg) from error
-    return DICOMwebClient(url=url.rstrip("/"))
+    client = DICOMwebClient(url=url.rstrip("/"))
+    # The default (5 tries, exponential back-off, on any error) waits 30 s for a server that
+    # is down; 3 tries over 3 s still ride out a restart without stalling a batch per study.
+    client.set_http_retry_params(
+        retry=True, max_attempts=_HTTP_ATTEMPTS, wait_exponential_multiplier=_HTTP_BACKOFF_MS
+    )
+    return client
 
 
 def _value(result: Mapping[str, Any], tag: str) -> str:
@@ -149,3 +161,57 @@ def push_stow(url: str, datasets: Sequence[Dataset]) -> Dataset:
         raise ValueError(msg)
     response: Dataset = _client(url).store_instances(list(datasets))
     return response
+
+
+@dataclass
+class StowResult:
+    """What a STOW-RS server answered for a set of objects."""
+
+    url: str
+    stored: list[str] = field(default_factory=list)  # SOPInstanceUIDs the server stored
+    failed: list[str] = field(default_factory=list)  # "UID: reason" of what it refused
+    error: str = ""  # the request itself failed (network, HTTP status)
+
+    @property
+    def ok(self) -> bool:
+        """Everything was stored."""
+        return not self.failed and not self.error
+
+    def summary(self) -> str:
+        """One line for people."""
+        if self.error:
+            return f"push to {self.url} failed: {self.error}"
+        line = f"pushed {len(self.stored)} objects to {self.url}"
+        return f"{line}; refused: {'; '.join(self.failed)}" if self.failed else line
+
+
+def stow_and_check(url: str, datasets: Sequence[Dataset]) -> StowResult:
+    """`push_stow`, with the server's answer checked per object; never raises for a server
+    or network failure (it is in the result), so a caller can go on with other studies.
+
+    An object the server neither lists as stored nor as failed counts as failed.
+    """
+    if not datasets:
+        msg = "datasets is empty: give at least one DICOM object to store"
+        raise ValueError(msg)
+    result = StowResult(url)
+    try:
+        response = push_stow(url, datasets)
+    except Exception as error:  # requests' HTTP and connection errors, and the like
+        result.error = f"{type(error).__name__}: {error}"
+        return result
+    result.stored = [
+        str(item.ReferencedSOPInstanceUID) for item in response.get("ReferencedSOPSequence", [])
+    ]
+    for item in response.get("FailedSOPSequence", []):
+        reason = item.get("FailureReason")
+        shown = f"failure reason 0x{int(reason):04X}" if reason is not None else "no reason"
+        result.failed.append(f"{item.get('ReferencedSOPInstanceUID', '?')}: {shown}")
+    missing = [
+        str(ds.SOPInstanceUID)
+        for ds in datasets
+        if str(ds.SOPInstanceUID) not in result.stored
+        and not any(text.startswith(str(ds.SOPInstanceUID)) for text in result.failed)
+    ]
+    result.failed += [f"{uid}: not in the server's answer" for uid in missing]
+    return result

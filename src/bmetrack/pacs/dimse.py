@@ -1,13 +1,16 @@
-"""DIMSE networking: C-FIND + C-MOVE pulls and a C-STORE receiver that de-identifies.
+"""DIMSE networking: C-FIND + C-MOVE or C-GET pulls and a C-STORE receiver that de-identifies.
 
 Needs the optional dependency ``pynetdicom`` (extra ``pacs``). For C-MOVE the PACS must know
 our AE title, host and port (its modality list): it opens its own association to the
-receiver that `pull_dimse` starts in-process.
+receiver that `pull_dimse` starts in-process. C-GET needs no receiver: the PACS sends the
+instances back over our own association, as C-STOREs for the storage SOP classes we offer to
+take (SCP/SCU role selection, PS3.7 D.3.3.4); it suits sites where the PACS cannot reach us.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import enum
 import itertools
 import threading
 import time
@@ -23,9 +26,11 @@ from bmetrack.pacs.dicomweb import PullReport, date_range
 __all__ = [
     "DimseError",
     "Listener",
+    "Retrieve",
     "find_studies",
     "listen",
     "parse_dimse_address",
+    "parse_retrieve",
     "pull_dimse",
 ]
 
@@ -34,6 +39,35 @@ _PENDING = (0xFF00, 0xFF01)
 _counter = itertools.count(1)
 
 OnStudy = Callable[[Path, list[Path]], None]
+_SUBOPERATIONS_DONE_WITH_FAILURES = 0xB000
+
+#: Storage SOP classes (pynetdicom names) we take over a C-GET association: MR images and what
+#: an MR study commonly also holds (results, screenshots, key images). At most 127 fit beside
+#: the C-GET context; instances of other classes are reported as not sent.
+GET_STORAGE_CLASSES: tuple[str, ...] = (
+    "MRImageStorage",
+    "EnhancedMRImageStorage",
+    "EnhancedMRColorImageStorage",
+    "LegacyConvertedEnhancedMRImageStorage",
+    "MRSpectroscopyStorage",
+    "SecondaryCaptureImageStorage",
+    "SegmentationStorage",
+    "BasicTextSRStorage",
+    "EnhancedSRStorage",
+    "ComprehensiveSRStorage",
+    "Comprehensive3DSRStorage",
+    "KeyObjectSelectionDocumentStorage",
+    "GrayscaleSoftcopyPresentationStateStorage",
+    "EncapsulatedPDFStorage",
+    "RawDataStorage",
+)
+
+
+class Retrieve(enum.StrEnum):
+    """How `pull_dimse` retrieves the studies it found."""
+
+    MOVE = "move"  # C-MOVE to our C-STORE receiver (the PACS must know our AE)
+    GET = "get"  # C-GET: the instances come back on our own association
 
 
 class DimseError(RuntimeError):
@@ -47,6 +81,15 @@ def parse_dimse_address(address: str) -> tuple[str, int, str]:
         msg = f"DIMSE address must be HOST:PORT:AET (e.g. pacs:104:PACS), got {address!r}"
         raise ValueError(msg)
     return parts[0], int(parts[1]), parts[2]
+
+
+def parse_retrieve(value: Retrieve | str) -> Retrieve:
+    """``"move"`` / ``"get"`` (any case) -> `Retrieve`; ValueError naming the choices."""
+    try:
+        return Retrieve(str(value).strip().lower())
+    except ValueError:
+        msg = f"retrieve must be 'move' (C-MOVE) or 'get' (C-GET), got {value!r}"
+        raise ValueError(msg) from None
 
 
 def _pynetdicom() -> Any:
@@ -116,8 +159,12 @@ class Listener:
         return _SUCCESS
 
     def _handle_end(self, event: Any) -> None:
+        self._finish(event.assoc)
+
+    def _finish(self, assoc: Any) -> None:
+        """Close the association's folder: count unmapped patients, call ``on_study``."""
         with self._lock:
-            store = self._open.pop(id(event.assoc), None)
+            store = self._open.pop(id(assoc), None)
             if store is None:
                 return
             for patient_id, n in store.unmapped.items():
@@ -259,6 +306,70 @@ def _move_study(ae: Any, host: str, port: int, called_ae: str, uid: str, dest: s
         assoc.release()
 
 
+def _get_ae(ae_title: str) -> tuple[Any, list[Any]]:
+    """An AE requesting C-GET plus the storage contexts we take, and the SCP role items."""
+    pnd = _pynetdicom()
+    ae = pnd.AE(ae_title=ae_title)
+    ae.add_requested_context(pnd.sop_class.StudyRootQueryRetrieveInformationModelGet)
+    roles = []
+    for name in GET_STORAGE_CLASSES:
+        uid = getattr(pnd.sop_class, name)
+        ae.add_requested_context(uid, pnd.ALL_TRANSFER_SYNTAXES)
+        roles.append(pnd.build_role(uid, scp_role=True))
+    return ae, roles
+
+
+def _get_study(
+    host: str, port: int, called_ae: str, uid: str, ae_title: str, listener: Listener
+) -> str | None:
+    """C-GET one study; the instances are stored by ``listener``'s handler as they arrive.
+
+    Returns a warning when the PACS could not send some instances (e.g. a SOP class we do not
+    take), None when everything came.
+    """
+    pnd = _pynetdicom()
+    ae, roles = _get_ae(ae_title)
+    query = Dataset()
+    query.QueryRetrieveLevel = "STUDY"
+    query.StudyInstanceUID = uid
+    assoc = ae.associate(
+        host,
+        port,
+        ae_title=called_ae,
+        ext_neg=roles,
+        evt_handlers=[(pnd.evt.EVT_C_STORE, listener._handle_store)],
+    )
+    if not assoc.is_established:
+        msg = (
+            f"the PACS {called_ae}@{host}:{port} refused the C-GET association from {ae_title}: "
+            "check host, port, AE titles and that the PACS allows C-GET"
+        )
+        raise DimseError(msg)
+    final: Dataset | None = None
+    try:
+        model = pnd.sop_class.StudyRootQueryRetrieveInformationModelGet
+        for status, _ in assoc.send_c_get(query, model):
+            if status is not None and getattr(status, "Status", None) is not None:
+                final = status
+    finally:
+        assoc.release()
+        listener._finish(assoc)
+    code = None if final is None else int(final.Status)
+    if code == _SUCCESS:
+        return None
+    if code == _SUBOPERATIONS_DONE_WITH_FAILURES and final is not None:
+        failed = int(final.get("NumberOfFailedSuboperations", 0) or 0)
+        done = int(final.get("NumberOfCompletedSuboperations", 0) or 0)
+        return (
+            f"C-GET of study {uid}: {failed} instances were not sent ({done} were); they are "
+            "of a SOP class bmetrack does not take by C-GET (non-MR objects?) or the PACS "
+            "failed to send them: use --retrieve move to fetch everything"
+        )
+    shown = "no response" if code is None else f"status 0x{code:04X}"
+    msg = f"C-GET of study {uid} ended with {shown}: check that the PACS allows C-GET for us"
+    raise DimseError(msg)
+
+
 def pull_dimse(
     address: str,
     patient_ids: Iterable[str],
@@ -271,8 +382,9 @@ def pull_dimse(
     pseudonym_map: Mapping[str, str] | None = None,
     deidentify: bool = True,
     uid_secret: str = "",
+    retrieve: Retrieve | str = Retrieve.MOVE,
 ) -> PullReport:
-    """C-FIND the MR studies of ``patient_ids`` and C-MOVE them to an in-process receiver.
+    """C-FIND the MR studies of ``patient_ids`` and retrieve them with C-MOVE or C-GET.
 
     Parameters
     ----------
@@ -283,9 +395,13 @@ def pull_dimse(
     out_folder : str or Path
         Where the de-identified files go (one subfolder per received association).
     ae_title, listen_port, listen_host : str, int, str
-        Our AE title and receiver address: the PACS must have them as a move destination.
+        Our AE title and receiver address: for C-MOVE the PACS must have them as a move
+        destination (the receiver is not started for C-GET).
     dates, pseudonym_map, deidentify, uid_secret
         As `bmetrack.pacs.dicomweb.pull_dicomweb`.
+    retrieve : {"move", "get"}
+        C-MOVE to an in-process receiver, or C-GET over our own association. Instances a
+        C-GET could not bring are listed in the report's ``warnings``.
 
     Returns
     -------
@@ -296,6 +412,7 @@ def pull_dimse(
     DimseError
         Association refused, query or move failed.
     """
+    method = parse_retrieve(retrieve)
     host, port, called_ae = parse_dimse_address(address)
     pnd = _pynetdicom()
     report = PullReport(Path(out_folder))
@@ -308,16 +425,20 @@ def pull_dimse(
         uid_secret=uid_secret,
         deidentify=deidentify,
     )
-    with listener:
-        for patient_id in dict.fromkeys(patient_ids):
-            found = find_studies(
-                host, port, called_ae, patient_id, calling_ae=ae_title, dates=dates
-            )
-            report.studies.extend(uid for uid in found if uid not in report.studies)
-        ae = pnd.AE(ae_title=ae_title)
-        ae.add_requested_context(pnd.sop_class.StudyRootQueryRetrieveInformationModelMove)
+    for patient_id in dict.fromkeys(patient_ids):
+        found = find_studies(host, port, called_ae, patient_id, calling_ae=ae_title, dates=dates)
+        report.studies.extend(uid for uid in found if uid not in report.studies)
+    if method is Retrieve.GET:
         for uid in report.studies:
-            _move_study(ae, host, port, called_ae, uid, ae_title)
+            warning = _get_study(host, port, called_ae, uid, ae_title, listener)
+            if warning is not None:
+                report.warnings.append(warning)
+    else:
+        with listener:
+            ae = pnd.AE(ae_title=ae_title)
+            ae.add_requested_context(pnd.sop_class.StudyRootQueryRetrieveInformationModelMove)
+            for uid in report.studies:
+                _move_study(ae, host, port, called_ae, uid, ae_title)
     report.files = list(listener.files)
     deid = Deidentifier(Path(out_folder), pseudonym_map)
     deid.unmapped = listener.unmapped

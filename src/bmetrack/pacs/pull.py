@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy import Engine, select
 
 from bmetrack.pacs.dicomweb import PullReport, pull_dicomweb
-from bmetrack.pacs.dimse import pull_dimse
+from bmetrack.pacs.dimse import Retrieve, parse_retrieve, pull_dimse
 from bmetrack.settings import Settings
 from bmetrack.study.db import session_scope
 from bmetrack.study.dicom_import import DicomImportReport, import_dicom, read_pseudonym_map
@@ -51,6 +51,7 @@ def pull_study(
     deidentify: bool = True,
     ae_title: str = "BMETRACK",
     listen_port: int = 11112,
+    retrieve: Retrieve | str = Retrieve.MOVE,
     settings: Settings | None = None,
     strict: bool = False,
 ) -> tuple[PullReport, DicomImportReport]:
@@ -81,7 +82,9 @@ def pull_study(
     deidentify : bool
         False files the PACS's data unchanged (the map is then used by the import).
     ae_title, listen_port : str, int
-        Our AE title and C-STORE receiver port (DIMSE only).
+        Our AE title and C-STORE receiver port (DIMSE only; the port is used by C-MOVE).
+    retrieve : {"move", "get"}
+        DIMSE retrieval: C-MOVE to our receiver, or C-GET over our own association.
     settings, strict
         As `bmetrack.study.dicom_import.import_dicom`.
 
@@ -91,6 +94,10 @@ def pull_study(
     """
     if (dicomweb is None) == (dimse is None):
         msg = "give exactly one source: dicomweb (a URL) or dimse (HOST:PORT:AET)"
+        raise ValueError(msg)
+    method = parse_retrieve(retrieve)
+    if dicomweb is not None and method is not Retrieve.MOVE:
+        msg = f"retrieve={retrieve!r} applies to dimse only; drop it for a DICOMweb pull"
         raise ValueError(msg)
     mapping = None if pseudonym_map is None else read_pseudonym_map(pseudonym_map)
     patient_ids = list(mapping) if mapping else study_patient_codes(engine, study_code)
@@ -113,6 +120,7 @@ def pull_study(
             out_folder=out_folder,
             ae_title=ae_title,
             listen_port=listen_port,
+            retrieve=method,
             dates=dates,
             pseudonym_map=mapping,
             deidentify=deidentify,

@@ -862,6 +862,9 @@ def serve(
     db: DbOption = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    access_log: Annotated[
+        bool, typer.Option(help="Log every request (turn off under heavy load).")
+    ] = True,
 ) -> None:
     """Serve the web app (log in with a user made by 'bmetrack user add')."""
     import uvicorn
@@ -870,7 +873,7 @@ def serve(
 
     with _reported_errors():
         web_app = create_app(db)
-    uvicorn.run(web_app, host=host, port=port, log_level="info")
+    uvicorn.run(web_app, host=host, port=port, log_level="info", access_log=access_log)
 
 
 def _print_files(files: Any) -> None:

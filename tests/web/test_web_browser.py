@@ -18,7 +18,8 @@ from bmetrack.study.models import TreatedLevel, VertebraMeasurement, Visit
 from bmetrack.web.app import WebSettings, create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
-BRIEF_DIR = Path("/work/briefs")
+# Screenshots of the main pages are kept after the run (ignored by git) for a human to look at.
+SCREENSHOT_DIR = Path(__file__).resolve().parents[2] / "test-artifacts" / "screenshots"
 pytestmark = [
     pytest.mark.slow,
     pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian chromium (/usr/bin/chromium) missing"),
@@ -54,11 +55,11 @@ def server(tmp_path, web_template):
     engine.dispose()
 
 
-def _shot(page, tmp_path: Path, name: str) -> None:
-    target = tmp_path / f"web_{name}.png"
+def _shot(page, name: str) -> None:
+    SCREENSHOT_DIR.mkdir(parents=True, exist_ok=True)
+    target = SCREENSHOT_DIR / f"web_{name}.png"
     page.screenshot(path=str(target), full_page=True)
-    if BRIEF_DIR.is_dir():
-        shutil.copyfile(target, BRIEF_DIR / f"web_{name}.png")
+    assert target.stat().st_size > 1000, f"screenshot {target} is empty"
 
 
 def _login(page, base: str, user: str) -> None:
@@ -105,7 +106,7 @@ def test_browser_workflows(server, tmp_path):
         page.fill("input[name=birth_year]", "1800")
         page.wait_for_selector("#err-birth_year .field-error")
         assert "must be at least 1890" in page.inner_text("#err-birth_year")
-        _shot(page, tmp_path, "patient_form_error")
+        _shot(page, "patient_form_error")
         page.fill("input[name=birth_year]", "1948")
         for _ in range(50):
             if not page.inner_text("#err-birth_year").strip():
@@ -117,12 +118,12 @@ def test_browser_workflows(server, tmp_path):
         page.fill("input[name=procedure_date]", "2024-03-05")
         page.locator("input[name=level]").first.fill("T12")
         page.locator("input[name=cement_volume_ml]").first.fill("3")
-        _shot(page, tmp_path, "procedure_form")
+        _shot(page, "procedure_form")
         page.click("button:has-text('Save procedure')")
         page.wait_for_url(re.compile(r".*/patients/\d+$"))
         assert "Patient P777" in page.content()
         assert "T12 (3.0 ml)" in page.inner_text("#procedures")
-        _shot(page, tmp_path, "patient_created")
+        _shot(page, "patient_created")
         page.goto(f"{base}/patients/{patient_id}/visits/new")
         page.fill("input[name=visit_date]", new_date)
         page.fill("input[name=analgesic_drugs]", "tramadol")
@@ -130,7 +131,7 @@ def test_browser_workflows(server, tmp_path):
         page.fill("input[name=vas]", "12")
         page.wait_for_selector("#err-vas .field-error")
         assert "must be 0-10" in page.inner_text("#err-vas")
-        _shot(page, tmp_path, "visit_form_error")
+        _shot(page, "visit_form_error")
         page.click("button:has-text('Save visit')")
         page.wait_for_selector("#form-message")
         assert "must be 0-10" in page.inner_text("#err-vas")
@@ -143,30 +144,30 @@ def test_browser_workflows(server, tmp_path):
         page.click("button:has-text('Save visit')")
         page.wait_for_url(re.compile(f".*/patients/{patient_id}$"))
         assert new_date in page.content()
-        _shot(page, tmp_path, "patient")
+        _shot(page, "patient")
         page.click("button:has-text('Log out')")
 
         # Radiologist: override a BME value with a reason; audit trail and dashboard change.
         _login(page, base, "radiologist")
         before = page.inner_text("tr[data-month='0'] .bme-mean")
-        _shot(page, tmp_path, "dashboard_before")
+        _shot(page, "dashboard_before")
         page.goto(f"{base}/patients/{patient_id}/timeline")
         card = page.locator(f"dl[data-measurement='{mid}']").locator("xpath=..")
         card.locator("summary:has-text('Override')").click()
         new_bme = "0" if old_bme > 50 else "100"
         card.locator("input[name=bme_percent]").fill(new_bme)
         card.locator("input[name=reason]").fill("cement artefact counted as edema")
-        _shot(page, tmp_path, "timeline_override")
+        _shot(page, "timeline_override")
         card.locator("button:has-text('Save override')").click()
         page.wait_for_selector("#message")
         assert "Overrode" in page.inner_text("#message")
         page.goto(f"{base}/measurements/{mid}/audit")
         assert "cement artefact counted as edema" in page.content()
-        _shot(page, tmp_path, "audit")
+        _shot(page, "audit")
         page.goto(f"{base}/dashboard")
         after = page.inner_text("tr[data-month='0'] .bme-mean")
         assert after != before
-        _shot(page, tmp_path, "dashboard_after")
+        _shot(page, "dashboard_after")
         page.click("button:has-text('Log out')")
 
         # Viewer: no edit forms, and a direct attempt is refused.
@@ -174,7 +175,7 @@ def test_browser_workflows(server, tmp_path):
         response = page.goto(f"{base}/patients/{patient_id}/visits/new")
         assert response is not None and response.status == 403
         assert "may not do this" in page.content()
-        _shot(page, tmp_path, "viewer_refused")
+        _shot(page, "viewer_refused")
         page.goto(f"{base}/patients/{patient_id}/timeline")
         assert page.locator("text=Save override").count() == 0
         browser.close()

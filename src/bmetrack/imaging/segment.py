@@ -14,9 +14,15 @@ A classical, weight-free pipeline (no learned component, nothing downloaded):
    bands inside fractured or edematous bodies).
 5. Each body is delineated between its discs by a marker-controlled watershed (tolerant to
    edema and cement, whose signal differs but whose position is inside the body), holes
-   filled, and propagated laterally slice by slice.
-6. Levels are counted upward from S1 when the sacrum (a long fused bony segment with no disc
-   below the lowest disc) is in view, else from ``lowest_level``, else named V1..Vn.
+   filled, and propagated laterally slice by slice.  S1 is delineated in a straight frame
+   along its own axis (perpendicular to the L5-S1 disc), since the canal frame bends away
+   from it below the thecal sac.  A body at either end of the field of view whose outer disc
+   is cut by the edge is kept when it is as long as a body and disc signal shows at the edge.
+6. Levels are counted upward from S1 when the sacrum is in view (the end of the thecal sac
+   on STIR/T2; without a fluid image or without that cue, a long fused bony segment below
+   the lowest disc), else from ``lowest_level``, else named V1..Vn.  A user-given
+   ``lowest_level`` is overridden only by the thecal-sac cue: the weaker bony-length rules
+   can take a partly visible lumbar body for the sacrum.
 """
 
 from __future__ import annotations
@@ -61,7 +67,7 @@ __all__ = [
     "segment_vertebral_bodies",
 ]
 
-METHOD_VERSION = "bmetrack-classic-1.0"
+METHOD_VERSION = "bmetrack-classic-1.1"
 #: Unnamed levels V1..Vn (no sacrum, no anchor) get labels 101..100+n (no VerSe integer).
 UNNAMED_LABEL_OFFSET = 100
 
@@ -73,11 +79,22 @@ _SACRUM_MIN_PERIODS = 1.0
 _SACRUM_MIN_PERIODS_PAIR = 0.7
 # A chained disc position with less than this fraction of the median disc score is void.
 _VOID_DISC_FRACTION = 0.15
+# The body beyond the first (last) disc is whole when the data hold this many local periods
+# beyond that disc (a body plus half a disc; a body cut by the field of view leaves less).
+_END_BODY_MIN_PERIODS = 0.8
+_END_BODY_MAX_PERIODS = 1.15
+# Arc steps whose T1 band signal is below this fraction of the median have no data.
+_DATA_FRACTION = 0.1
+# Shortest CSF segment (mm) along the canal whose lower end can be the end of the thecal sac.
+_SAC_MIN_SEGMENT_MM = 40.0
+# Depths (mm, negative = posterior) around the frame line searched for the thecal sac.
+_SAC_SEARCH_DEPTHS_MM = np.arange(-12.0, 4.01, 2.0)
 # A body between the two lowest discs must be this bone-like (fraction of its height).
 _MIN_BONE_FRACTION = 0.5
-# Below all three (disc autocorrelation peak, median disc contrast in robust SD, mean canal
-# response) there is no spine: pure noise scores about 0.2-0.37, 0.8-1.5 and 0.8-1.1.
-_MIN_PERIODICITY = 0.4
+# Below all three (rise of the disc autocorrelation from dip to peak, median disc contrast in
+# robust SD, mean canal response) there is no spine: pure noise scores about 0.3-0.55,
+# 0.8-1.5 and 0.8-1.1; phantom and synthetic spines about 1.1-1.6, > 5 and > 2.
+_MIN_PERIODICITY = 0.8
 _MIN_DISC_SCORE = 2.0
 _MIN_CANAL_SCORE = 1.15
 
@@ -192,7 +209,9 @@ def segment_vertebral_bodies(
     contrast : {"t1", "t2", "stir"} or Contrast
         Contrast of ``image``: sets the expected polarity of CSF and discs.
     lowest_level : str, optional
-        Name of the lowest fully visible body (e.g. ``"L2"``), used when no sacrum is in view.
+        Name of the lowest fully visible body (e.g. ``"L2"``).  Used unless the end of the
+        thecal sac (STIR/T2) shows the sacrum in view; then levels are counted from S1 with a
+        warning.  ``"S1"`` says the sacrum is in view.
     settings : mapping, optional
         Method settings (`bmetrack.settings.resolve_settings`); recorded in ``parameters``.
         No segmentation setting is currently read from it.
@@ -269,7 +288,6 @@ def segment_vertebral_bodies(
     discs = detect_discs(profile, disc_polarity, frame.step_mm)
     if fluid_norm is None:
         line_polarity = discs.polarity
-    warnings: list[str] = []
     centres = [float(c) for c in discs.centres]
     median_score = float(np.median(discs.scores)) if len(discs.scores) else 0.0
     if (
@@ -294,7 +312,10 @@ def segment_vertebral_bodies(
     n_s = len(frame.points)
     centres = _extend_upward(centres, discs.score_curve, np.median(profile, axis=1), period)
     flat_t1 = np.median(profile, axis=1)
+    warnings: list[str] = []
     sacrum_periods = _SACRUM_MIN_PERIODS
+    # A user-given lowest level other than S1 says the sacrum is not fully in view.
+    trust_anchor = anchor is not None and anchor != "S1"
     weak_cut: list[float] | None = None
     sac_cut: list[float] | None = None
     if fluid_norm is not None:
@@ -303,7 +324,8 @@ def segment_vertebral_bodies(
         sacrum_periods = _SACRUM_MIN_PERIODS_PAIR
         # The end of the dural sac in view is the most direct sacrum cue (STIR/T2 + T1).
         sac_cut = _cut_at_sac_end(centres, fluid_norm[mid_k], frame, wall, wsp, period)
-        weak_cut = None if sac_cut is not None else _cut_at_void_disc(centres, discs)
+        if sac_cut is None and not trust_anchor:
+            weak_cut = _cut_at_void_disc(centres, discs)
         if weak_cut is not None:
             centres = weak_cut
     # With T1 + STIR every true disc is dark on T1 (also degenerated ones), so only a much
@@ -311,13 +333,17 @@ def segment_vertebral_bodies(
     thin, weak = (0.5, 0.6) if fluid_norm is None else (0.6, 0.3)
     if sac_cut is not None:
         has_sacrum, centres = True, sac_cut
+    elif trust_anchor:
+        # The user named the lowest fully visible body and no direct sacrum cue (end of the
+        # thecal sac) contradicts it: the weaker bony-length and void-disc rules, which can
+        # take a partly visible lumbar body or pelvic tissue for the sacrum, are not used.
+        has_sacrum = False
     else:
         has_sacrum, centres = _find_sacrum(
             centres, discs, period, flat_t1, sacrum_periods, thin, weak
         )
     if fluid_norm is not None and not has_sacrum and weak_cut is not None:
         has_sacrum = True
-    below = (n_s - 1) - centres[-1]
     lines = disc_lines(mid_plane, frame.depths_mm, wall, centres, line_polarity, frame.step_mm)
     if has_sacrum:
         # S1 ends at the S1-S2 junction: a thin dark line (fused endplates) 0.6-1.05 periods
@@ -332,13 +358,44 @@ def segment_vertebral_bodies(
         a_end = float(s1_end) - slope * 15.0  # the line passes s1_end 15 mm in front of the wall
         lines.append((a_end, slope))
         centres = [*centres, float(s1_end)]
+    # Arc range with signal on the T1 band (a resampled sequence is 0 outside its own field
+    # of view): discs at the very edge of the data are not seen.
+    has_data = np.flatnonzero(flat_t1 > _DATA_FRACTION * float(np.median(flat_t1)))
+    data_start, data_end = (int(has_data[0]), int(has_data[-1])) if has_data.size else (0, n_s - 1)
+    top_virtual = bottom_virtual = False
+    if len(centres) >= 2:
+        # The field of view may end at (or just inside) the disc above the top body, so that
+        # disc is not chained; a top body as long as a body and half a disc, with disc-like
+        # signal (part of the disc above it) at the edge of the data, is whole: a virtual
+        # upper line one local period above the first disc bounds it (the watershed then stops
+        # at its real endplate).  Same below when no sacrum ends the column.
+        disc_like = _disc_like(flat_t1, centres, line_polarity)
+        local = centres[1] - centres[0]
+        edge = disc_like[data_start : data_start + max(2, int(0.35 * local))]
+        if centres[0] - data_start >= _END_BODY_MIN_PERIODS * local and _has_run(edge, 2):
+            top_virtual = True
+            lines.insert(0, (centres[0] - local, lines[0][1]))
+            centres = [centres[0] - local, *centres]
+        # Below, more than a body and a disc with no disc seen is no normal vertebra (a fused
+        # sacrum beside the field of view, pelvic tissue): no virtual line then.
+        local = centres[-1] - centres[-2]
+        span = data_end - centres[-1]
+        edge = disc_like[max(0, data_end - int(0.35 * local)) : data_end + 1]
+        if (
+            not has_sacrum
+            and _END_BODY_MIN_PERIODS * local <= span <= _END_BODY_MAX_PERIODS * local
+            and _has_run(edge, 2)
+        ):
+            bottom_virtual = True
+            lines.append((centres[-1] + local, lines[-1][1]))
+            centres = [*centres, centres[-1] + local]
     half_mm = {float(c): 0.5 * w for c, w in zip(discs.centres, discs.widths_mm, strict=True)}
     margins = [(half_mm.get(c, 3.0) + 2.0) / frame.step_mm for c in centres]
     spans = [
         BodySpan(lines[i], lines[i + 1], margins[i], margins[i + 1]) for i in range(len(lines) - 1)
     ]
-    partial_top = centres[0] * frame.step_mm > 6.0
-    partial_bottom = (not has_sacrum) and below * frame.step_mm > 6.0
+    partial_top = (centres[0] - data_start) * frame.step_mm > 6.0
+    partial_bottom = (not has_sacrum) and (data_end - centres[-1]) * frame.step_mm > 6.0
 
     grad = np.empty_like(norm)
     for k in range(n_sl):
@@ -352,8 +409,19 @@ def segment_vertebral_bodies(
             )
             grad[k] = np.sqrt(grad[k] ** 2 + g2**2)
     bodies: list[BodyMask | None] = [
-        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0]) for sp in spans
+        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0])
+        for sp in spans[: len(spans) - int(has_sacrum)]
     ]
+    if has_sacrum:
+        # The canal frame bends away from S1 (sacral kyphosis, frame extrapolated below the
+        # thecal sac): S1 is delineated in a straight local frame along its own axis,
+        # perpendicular to the L5-S1 disc, from the disc's posterior end.
+        s1_frame, s1_span = _s1_frame(norm[mid_k], frame, wall, lines[-2], lines[-3], margins[-2])
+        bodies.append(
+            delineate_body(
+                norm, grad, s1_frame, np.zeros(len(s1_frame.points)), s1_span, mid_k, wsp[0]
+            )
+        )
 
     # Names, bottom-up.
     n_bodies = len(spans)
@@ -361,8 +429,8 @@ def segment_vertebral_bodies(
         names = _names_upward("S1", n_bodies + 1)
         if anchor is not None and anchor != "S1":
             warnings.append(
-                f"lowest_level {anchor} ignored: the sacrum is in view, so levels are counted "
-                "upward from S1"
+                f"the end of the thecal sac places the sacrum in view: levels are counted "
+                f"upward from S1 (lowest_level {anchor} is used only when no sacrum is seen)"
             )
     elif anchor is not None:
         names = _names_upward(anchor, n_bodies + 1)
@@ -375,6 +443,7 @@ def segment_vertebral_bodies(
     bottom_up = list(range(n_bodies - 1, -1, -1))
     out = np.zeros(canon.shape, dtype=np.int16)
     levels: list[str] = []
+    found: list[tuple[int, BodyMask]] = []
     for rank, idx in enumerate(bottom_up):
         name = names[rank]
         body = bodies[idx]
@@ -387,10 +456,14 @@ def segment_vertebral_bodies(
             if not name.startswith("V")
             else UNNAMED_LABEL_OFFSET + int(name[1:])
         )
+        found.append((label, body))
+        levels.append(name)
+    # Written top-down: where two masks overlap the upper body keeps the voxel (S1, the least
+    # certain shape, yields to L5).
+    for label, body in reversed(found):
         mask, box = _to_full(body, norm.shape, canon.shape)
         region = out[box]
         region[mask & (region == 0)] = label
-        levels.append(name)
     partial: list[str] = []
     if partial_bottom:
         partial.append(_name_below(names[0]))
@@ -405,6 +478,9 @@ def segment_vertebral_bodies(
         "other_contrast": None if pair is None else str(Contrast(str(other_contrast).lower())),
         "lowest_level": anchor,
         "sacrum_found": bool(has_sacrum),
+        # Whole end bodies bounded by a virtual line where the field of view hides their disc.
+        "virtual_top_disc": bool(top_virtual),
+        "virtual_bottom_disc": bool(bottom_virtual),
         "period_mm": round(float(discs.period_mm), 2),
         "mid_sagittal_slice_canonical": int(mid_k),
         "canal_score": round(float(canal_score), 3),
@@ -520,15 +596,22 @@ def _cut_at_sac_end(
     resp = canal_response(fluid_plane.astype(np.float64), spacing_mm[1:], 1.0)
     resp = resp / (float(np.percentile(np.abs(resp), 90)) + 1e-6)
     arc = np.arange(n_s, dtype=np.float64)
-    rows, cols = frame.to_index(arc, np.zeros(n_s))
-    along = ndimage.map_coordinates(resp, [rows, cols], order=1, mode="nearest")
+    # The strongest response a little behind or in front of the frame line: where a strong
+    # lordosis or sacral kyphosis makes the frame leave the canal, the sac is still seen.
+    rows, cols = frame.to_index(arc[:, None], _SAC_SEARCH_DEPTHS_MM[None, :])
+    along = ndimage.map_coordinates(resp, [rows, cols], order=1, mode="nearest").max(axis=1)
     along = ndimage.uniform_filter1d(along, max(1, round(9.0 / frame.step_mm)), mode="nearest")
     good = ndimage.binary_closing(along > 0.5, iterations=max(1, round(5.0 / frame.step_mm)))
     lab, n = ndimage.label(good)
     if n == 0:
         return None
+    # The sac ends at the lowest end of a long CSF segment: a stenosis (retropulsed fragment,
+    # disc herniation) can interrupt the column higher up.
     sizes = ndimage.sum(good, lab, index=np.arange(1, n + 1))
-    sac_end = int(np.flatnonzero(lab == int(np.argmax(sizes)) + 1)[-1])
+    long_enough = np.flatnonzero(
+        sizes >= min(float(sizes.max()), _SAC_MIN_SEGMENT_MM / frame.step_mm)
+    )
+    sac_end = max(int(np.flatnonzero(lab == i + 1)[-1]) for i in long_enough)
     r_b, c_b = frame.to_index(arc, wall_mm + 12.0)
     in_image = (r_b >= 0) & (r_b <= fluid_plane.shape[0] - 1)
     in_image &= (c_b >= 0) & (c_b <= fluid_plane.shape[1] - 1)
@@ -640,6 +723,77 @@ def _bony_length(centres: list[float], profile: FloatArray, period: float) -> fl
             if gap > 6:
                 break
     return float(length + 0.25 * period)
+
+
+def _disc_like(profile: FloatArray, centres: list[float], polarity: float) -> npt.NDArray[np.bool_]:
+    """Arc steps whose band signal is nearer the chained discs' level than the bodies'."""
+    idx = np.clip(np.round(centres).astype(int), 0, len(profile) - 1)
+    disc_level = float(np.median(profile[idx]))
+    inside = np.zeros(len(profile), dtype=bool)
+    for a, b in itertools.pairwise(centres):
+        inside[int(a + 0.3 * (b - a)) : int(b - 0.3 * (b - a)) + 1] = True
+    body_level = float(np.median(profile[inside])) if inside.any() else disc_level
+    mid = 0.5 * (disc_level + body_level)
+    sign = 1.0 if disc_level > body_level else -1.0 if disc_level < body_level else polarity
+    out: npt.NDArray[np.bool_] = sign * (profile - mid) > 0
+    return out
+
+
+def _has_run(mask: npt.NDArray[np.bool_], length: int) -> bool:
+    """Whether ``mask`` holds ``length`` consecutive True values."""
+    run = 0
+    for v in mask:
+        run = run + 1 if v else 0
+        if run >= length:
+            return True
+    return False
+
+
+def _s1_frame(
+    plane: npt.NDArray[np.float32],
+    frame: Frame,
+    wall_mm: FloatArray,
+    disc: tuple[float, float],
+    disc_above: tuple[float, float],
+    margin: float,
+) -> tuple[Frame, BodySpan]:
+    """A straight frame along S1's own axis and S1's span in it.
+
+    The L5-S1 disc mid-line (``disc``, in the canal frame) gives the disc direction in the
+    image; S1's axis is perpendicular to it, starting at the disc's posterior end, and its
+    anterior normal runs along the disc.  S1 ends at the S1-S2 junction: the darkest thin
+    line 0.6-1.1 L5 heights below the disc (fused endplates), else one L5 height.
+    """
+    a, b = disc
+    n_s = len(frame.points)
+
+    def point(d: float) -> FloatArray:
+        s = a + b * d
+        w = wall_mm[int(np.clip(round(s), 0, n_s - 1))]
+        r, c = frame.to_index(s, w + d)
+        return np.array([float(r), float(c)])
+
+    sr, sc = frame.spacing_mm
+    p0, p1 = point(0.0), point(30.0)
+    u = (p1 - p0) * np.array([sr, sc])
+    u /= np.linalg.norm(u) + 1e-12
+    v = np.array([-u[1], u[0]])  # inferior along S1's axis (frame convention n = (v_c, -v_r))
+    l5_height = max(10.0, (a - disc_above[0]) * frame.step_mm)
+    length = int(1.6 * l5_height / frame.step_mm) + 1
+    t = np.arange(length, dtype=np.float64) * frame.step_mm
+    points = p0[None, :] + t[:, None] * v[None, :] / np.array([sr, sc])
+    normals = np.tile(u, (length, 1))
+    local = Frame(points, normals, frame.depths_mm, frame.step_mm, frame.spacing_mm)
+    depths = np.arange(3.0, 25.01, 1.0)
+    rows, cols = local.to_index(np.arange(length)[:, None], depths[None, :])
+    prof = np.median(ndimage.map_coordinates(plane, [rows, cols], order=1, mode="nearest"), axis=1)
+    size = max(3, round(8.0 / frame.step_mm))
+    dark = ndimage.grey_closing(prof, size=size, mode="nearest") - prof
+    lo = int(0.6 * l5_height / frame.step_mm)
+    hi = min(length - 1, int(1.1 * l5_height / frame.step_mm))
+    end = lo + int(np.argmax(dark[lo : hi + 1])) if hi > lo else round(l5_height / frame.step_mm)
+    span = BodySpan((0.0, 0.0), (float(end), 0.0), margin, 3.0 / frame.step_mm)
+    return local, span
 
 
 def _name_below(lowest: str | None) -> str:

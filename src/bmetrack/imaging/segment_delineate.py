@@ -59,7 +59,9 @@ def _frame_coordinates(
     dc = (cols.ravel()[:, None] - pts[None, :, 1]) * sc
     normals = frame.normals[s_idx]
     depth = dr * normals[None, :, 0] + dc * normals[None, :, 1]
-    along = dr * normals[None, :, 1] - dc * normals[None, :, 0]  # tangent component
+    # Tangent t = (-n_col, n_row) (`straighten` sets n = (t_col, -t_row)): the signed
+    # distance along it extends the arc index past the nearest frame point.
+    along = dc * normals[None, :, 0] - dr * normals[None, :, 1]
     nearest = np.argmin(np.abs(along), axis=1)
     pick = np.arange(len(nearest))
     s_val = s_idx[nearest] + along[pick, nearest] / frame.step_mm

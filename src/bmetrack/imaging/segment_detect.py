@@ -39,6 +39,14 @@ _DEPTH_RANGE_MM = (-20.0, 80.0)
 _FRAME_STEP_MM = 1.0
 # Depth sub-bands (mm anterior of the canal wall) whose profiles detect discs.
 _SUB_BANDS_MM = ((2.0, 7.0), (7.0, 13.0), (13.0, 19.0), (19.0, 25.0))
+# Top-hat length (mm) that scores disc bands.  Longer (24 mm) also catches thick or wedge
+# discs with their endplates but scores dark endplate edema and sacral remnants as discs too:
+# on development phantoms it labelled fewer levels correctly.
+_DISC_TOPHAT_MM = 14.0
+# A disc at either end of the chain needs this fraction of the chain's median score.
+_END_DISC_FRACTION = 0.4
+# No disc is placed within this distance (mm) of either end of the frame.
+_EDGE_MM = 6.0
 
 
 def normalise_intensity(
@@ -151,7 +159,8 @@ class CanalPath:
     score : float
         Mean canal response over the trusted part.
     periodicity : float
-        Autocorrelation peak of the disc pattern anterior to the canal (0..1).
+        Rise of the autocorrelation of the disc pattern anterior to the canal from its dip to
+        its peak (0..2; `_periodic_contrast`).
     """
 
     plane: int
@@ -183,8 +192,13 @@ def _extended_path(path: FloatArray, first: int, last: int, s_si: float) -> Cana
     reach = round(80.0 / s_si)
     fit = max(2, min(len(seg), round(20.0 / s_si)))
     lo, hi = max(0, first - reach), min(n_rows - 1, last + reach)
-    top_slope = (seg[fit - 1] - seg[0]) / (fit - 1)
-    bot_slope = (seg[-1] - seg[-fit]) / (fit - 1)
+    # End slopes from a line fit to the raw path: the smoothed path is flattened at its ends
+    # by the edge padding of the filters, which would steer the extrapolation straight down
+    # through L5 and S1 where the canal curves backwards.
+    raw = path[first : last + 1]
+    x = np.arange(fit, dtype=np.float64)
+    top_slope = float(np.polyfit(x, raw[:fit], 1)[0])
+    bot_slope = float(np.polyfit(x, raw[-fit:], 1)[0])
     # Below the thecal sac the sacral canal turns posterior (lordosis, sacral kyphosis): a
     # path heading anterior there has drifted off the canal, and extrapolating it would steer
     # the frame through S1 into the pelvis.
@@ -305,7 +319,25 @@ def _anterior_periodicity(
         disc_polarity = -1.0
     prof = band_profile(mid, frame.depths_mm, wall)
     discs = detect_discs(prof, disc_polarity, frame.step_mm)
-    return _periodicity(_clipped(discs.score_curve), lo, hi)[0]
+    return _periodic_contrast(_clipped(discs.score_curve), lo, hi)
+
+
+def _periodic_contrast(sig: FloatArray, lo: int, hi: int) -> float:
+    """Rise of the autocorrelation from its dip to its peak at a lag in ``lo..hi``.
+
+    A periodic pattern anti-correlates at half its period and correlates again at the period;
+    smooth non-periodic texture (bowel, fat) correlates highly at short lags but has no dip
+    and peak, so the plain autocorrelation value would favour it.
+    """
+    x = sig - sig.mean()
+    ac = np.correlate(x, x, mode="full")[len(x) - 1 :]
+    ac = ac / (ac[0] + 1e-12)
+    hi = min(hi, len(ac) - 2)
+    best = 0.0
+    for lag in range(max(lo, 2), hi + 1):
+        if ac[lag] >= ac[lag - 1] and ac[lag] >= ac[lag + 1]:
+            best = max(best, float(ac[lag] - np.min(ac[1:lag])))
+    return best
 
 
 @dataclass(frozen=True)
@@ -429,7 +461,12 @@ def _periodicity(sig: FloatArray, lo: int, hi: int) -> tuple[float, int]:
     return float(ac[lag]), lag
 
 
-def detect_discs(profile: FloatArray, polarity_prior: float | None, step_mm: float) -> Discs:
+def detect_discs(
+    profile: FloatArray,
+    polarity_prior: float | None,
+    step_mm: float,
+    tophat_mm: float = _DISC_TOPHAT_MM,
+) -> Discs:
     """Disc centres along the column from the band profile.
 
     Narrow bands (white and black top-hats, 16 mm) of the profile score discs; the polarity of
@@ -438,7 +475,7 @@ def detect_discs(profile: FloatArray, polarity_prior: float | None, step_mm: flo
     picks the chain of centres maximising score minus a spacing penalty around the period.
     """
     prof = ndimage.gaussian_filter1d(profile, 1.0 / step_mm, axis=0, mode="nearest")
-    size = (max(3, round(14.0 / step_mm)), 1)
+    size = (max(3, round(tophat_mm / step_mm)), 1)
     mad = np.median(np.abs(prof - np.median(prof, axis=0)), axis=0) * 1.4826 + 1e-6
     white = (prof - ndimage.grey_opening(prof, size=size, mode="nearest")) / mad
     black = (ndimage.grey_closing(prof, size=size, mode="nearest") - prof) / mad
@@ -466,6 +503,11 @@ def detect_discs(profile: FloatArray, polarity_prior: float | None, step_mm: flo
     prev = np.full(n, -1, dtype=np.int64)
     # Capped gain: a very dark cement cast must not outweigh the spacing prior.
     gain = np.minimum(score, 1.5 * strong) - tau
+    # A disc needs bone on both sides inside the field of view: the image edge (or the end of
+    # the other sequence's field of view) is a dark band otherwise.
+    edge = max(1, round(_EDGE_MM / step_mm))
+    gain[:edge] = -np.inf
+    gain[-edge:] = -np.inf
     lam = 5.0 * strong
     for i in range(n):
         best[i] = gain[i]
@@ -482,7 +524,16 @@ def detect_discs(profile: FloatArray, polarity_prior: float | None, step_mm: flo
     while end >= 0:
         chain.append(end)
         end = int(prev[end])
-    centres = np.array(sorted(chain), dtype=np.int64)
+    chain = sorted(chain)
+    # The spacing prior may fill gaps between strong discs (a fractured or edematous body
+    # hides its endplates), but nothing supports a weak position at either end of the chain:
+    # the edge of the field of view or tissue past the column.
+    ref = float(np.median(score[chain])) if chain else 0.0
+    while len(chain) > 3 and score[chain[-1]] < _END_DISC_FRACTION * ref:
+        chain.pop()
+    while len(chain) > 3 and score[chain[0]] < _END_DISC_FRACTION * ref:
+        chain.pop(0)
+    centres = np.array(chain, dtype=np.int64)
     smooth_main = ndimage.gaussian_filter1d(raw_main, 1.0 / step_mm, mode="nearest")
     widths = np.array([_half_max_width(smooth_main, int(c)) for c in centres]) * step_mm
     return Discs(centres, score[centres], period * step_mm, score, widths, polarity_prior)
@@ -520,7 +571,7 @@ def disc_lines(
     position, and a weighted line is fitted (slope limited to +-0.5).
     """
     smooth = ndimage.gaussian_filter(mid, (1.0 / step_mm, 1.5 / step_mm), mode="nearest")
-    size = (max(3, round(14.0 / step_mm)), 1)
+    size = (max(3, round(_DISC_TOPHAT_MM / step_mm)), 1)
     if polarity > 0:
         th = smooth - ndimage.grey_opening(smooth, size=size, mode="nearest")
     else:

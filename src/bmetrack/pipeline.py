@@ -57,6 +57,20 @@ class SessionJob:
     stir_series_uid: str
     t1_series_uid: str
 
+    @classmethod
+    def of(cls, imaging: Any, visit: Any, patient_code: str, study_code: str) -> SessionJob:
+        """The job of a stored `ImagingSession` row and its `Visit`."""
+        return cls(
+            imaging_session_id=imaging.id,
+            study_code=study_code,
+            patient_code=patient_code,
+            visit_date=visit.visit_date.isoformat(),
+            nominal_month=visit.nominal_month,
+            source_path=imaging.source_path,
+            stir_series_uid=str(imaging.stir_series_uid or ""),
+            t1_series_uid=str(imaging.t1_series_uid or ""),
+        )
+
 
 @dataclass(frozen=True)
 class SessionResult:
@@ -119,16 +133,7 @@ def pending_sessions(engine: Engine, study_code: str) -> list[SessionJob]:
     )
     with session_scope(engine) as session:
         return [
-            SessionJob(
-                imaging_session_id=imaging.id,
-                study_code=study_code,
-                patient_code=code,
-                visit_date=visit.visit_date.isoformat(),
-                nominal_month=visit.nominal_month,
-                source_path=imaging.source_path,
-                stir_series_uid=str(imaging.stir_series_uid),
-                t1_series_uid=str(imaging.t1_series_uid),
-            )
+            SessionJob.of(imaging, visit, code, study_code)
             for imaging, visit, code in session.execute(query)
         ]
 

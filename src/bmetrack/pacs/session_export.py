@@ -28,6 +28,7 @@ from sqlalchemy import Engine, select
 from bmetrack.pacs.dicomweb import StowResult, stow_and_check
 from bmetrack.pipeline import SessionJob, quantify_job
 from bmetrack.settings import Settings, resolve_settings
+from bmetrack.study.records import MEASUREMENT_FIELDS
 
 __all__ = [
     "COMPARED_FIELDS",
@@ -39,19 +40,7 @@ __all__ = [
 
 #: Stored fields checked against the re-measurement (numbers within `ABS_TOLERANCE` /
 #: `REL_TOLERANCE`, grade and deformity exactly).
-COMPARED_FIELDS: tuple[str, ...] = (
-    "bme_percent",
-    "body_volume_ml",
-    "edema_volume_ml",
-    "cement_volume_ml",
-    "rim_volume_ml",
-    "height_anterior_mm",
-    "height_middle_mm",
-    "height_posterior_mm",
-    "height_loss_percent",
-    "genant_grade",
-    "deformity",
-)
+COMPARED_FIELDS: tuple[str, ...] = tuple(f for f in MEASUREMENT_FIELDS if f != "bme_present")
 #: The same images and settings give the same floats; the tolerance only absorbs the
 #: database's float round trip.
 ABS_TOLERANCE = 1e-6
@@ -156,7 +145,6 @@ class SessionExportReport:
 
 # ------------------------------------------------------------------------------ database
 def _copy_row(row: Any) -> StoredMeasurement:
-    from bmetrack.study.records import MEASUREMENT_FIELDS
 
     return StoredMeasurement(
         id=int(row.id),
@@ -234,16 +222,7 @@ def measured_sessions(
             automatic = any(row.source == MeasurementSource.AUTOMATIC for row in rows)
             if not automatic and wanted is None:
                 continue
-            job = SessionJob(
-                imaging_session_id=imaging.id,
-                study_code=study_code,
-                patient_code=code,
-                visit_date=visit.visit_date.isoformat(),
-                nominal_month=visit.nominal_month,
-                source_path=imaging.source_path,
-                stir_series_uid=str(imaging.stir_series_uid or ""),
-                t1_series_uid=str(imaging.t1_series_uid or ""),
-            )
+            job = SessionJob.of(imaging, visit, code, study_code)
             copies = tuple(_copy_row(row) for row in rows)
             out.append(MeasuredSession(job, imaging.study_instance_uid, copies))
     return out

@@ -6,8 +6,10 @@ in two modes:
 
 - ``pipeline``: the built-in segmenter + quantification, exactly what ``bmetrack quantify``
   does (`quantify_study` without labels).  When the sacrum is not in view the phantom's
-  lowest fully visible level is passed as ``lowest_level``, as a user would give
-  ``--lowest-level``.
+  lowest level seen whole on the sagittal images (`Phantom.lowest_level`: in-plane
+  visibility, a body cut only by the slab's left/right edge counts) is passed as
+  ``lowest_level``, as a user would give ``--lowest-level``.  (Before bmetrack-classic-1.2
+  the anchor used 3D visibility, so a laterally cut L5/S1 gave a wrong, too high anchor.)
 - ``truth_labels``: quantification on the phantom's true label map (passed as an external
   label map), which isolates quantification error from segmentation error.
 

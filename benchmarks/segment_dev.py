@@ -1,10 +1,13 @@
 """Development aid: per-study report of the built-in segmenter on phantom studies.
 
-Prints, per seed, the true and found levels (bottom-up), whether the sacrum is in view and
-whether the segmenter found it, and per true body the best-overlap Dice and the level of the
-predicted body carrying it; then a summary (labelling accuracy, Dice mean / median / p10) and a
-tally of failure categories.  Optionally renders the mid-sagittal STIR and T1 slices with the
-true (thin) and found (filled) labels to PNG for visual checks.
+Prints, per seed, the true and found levels (bottom-up; the phantom's levels are the bodies
+seen whole on the sagittal images, laterally cut ones included), the partly visible bodies of
+the truth (3D) and of the segmenter (with those it found cut by the slab's left/right edge),
+whether the sacrum is in view and whether the segmenter found it, and per true body the
+best-overlap Dice and the level of the predicted body carrying it; then a summary (labelling
+accuracy, Dice mean / median / p10) and a tally of failure categories.  Optionally renders
+the mid-sagittal STIR and T1 slices with the true (thin) and found (filled) labels to PNG for
+visual checks.
 
 Use development seeds only (2000-2999); the held-out benchmark (`accuracy.py`) uses 5000+.
 
@@ -104,6 +107,11 @@ def evaluate(case: dict[str, Any]) -> dict[str, Any]:
         "sacrum_found": None if seg is None else bool(seg.parameters.get("sacrum_found")),
         "truth_levels": case["levels"],
         "found_levels": [] if seg is None else list(seg.levels),
+        "truth_partial": [str(x) for x in truth.loc[truth["partially_visible"], "level"]],
+        "found_partial": [] if seg is None else list(seg.partial),
+        "lateral_cut": []
+        if seg is None
+        else [w.split()[1] for w in seg.warnings if "left/right" in w],
         "bodies": bodies,
         "warnings": [] if seg is None else list(seg.warnings),
         "seg": seg,
@@ -202,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         if res["error"]:
             print(f"    error: {res['error']}")
         print(f"    truth {res['truth_levels']}\n    found {res['found_levels']}")
+        print(
+            f"    partial truth {res['truth_partial']} found {res['found_partial']} "
+            f"(cut sideways: {res['lateral_cut']})"
+        )
         print(
             "    " + " ".join(f"{b['level']}:{b['dice']:.2f}/{b['found']}" for b in res["bodies"])
         )

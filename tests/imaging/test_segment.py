@@ -52,6 +52,8 @@ class SpineSpec:
     sacrum: bool = True
     edema_level: str | None = None
     cement_level: str | None = None
+    # Wider bodies at some levels (mm), e.g. to reach beyond the slab sideways.
+    width_by_level: dict[str, float] = field(default_factory=dict)
 
 
 def _level_centres_mm(spec: SpineSpec) -> dict[str, float]:
@@ -105,6 +107,10 @@ def render_spine(
         img[ped | lam | spin] = tissue["marrow"]
     for lev, zc in centres.items():
         u = z - zc
+        if lev in spec.width_by_level:
+            radial2 = (x / (spec.width_by_level[lev] / 2)) ** 2 + (v / half_d) ** 2
+        else:
+            radial2 = (x / half_w) ** 2 + (v / half_d) ** 2
         hh = spec.body_height_mm / 2 - 1.5 * (1.0 - np.clip(radial2, 0, 1))  # concave endplates
         body = (radial2 < 1.0) & (np.abs(u) < hh)
         inner = (radial2 < (1.0 - 1.2 / half_d) ** 2) & (np.abs(u) < hh - 1.2)
@@ -300,6 +306,46 @@ def test_levels_from_lowest_level_without_sacrum() -> None:
     for i, lev in enumerate(seg.levels, start=1):
         same = (unnamed.labels.array == 100 + i) == (seg.labels.array == label_from_level(lev))
         assert same.all()
+
+
+def _outer_slice_fraction(labels: np.ndarray, label: int) -> float:
+    """Hand computation: larger outer-slice area of a label over its largest slice area."""
+    area = [(labels[k] == label).sum() for k in range(labels.shape[0])]
+    return max(area[0], area[-1]) / max(area)
+
+
+def test_bodies_cut_by_the_slab_sideways_are_partial_and_still_counted() -> None:
+    # L5 80 mm wide: beyond the 13 x 4 mm slab (outer slice centres x = +-24 mm) on both
+    # sides, fully visible in plane.  The other bodies (44 mm) end inside the slab.  S1 is
+    # never judged cut sideways (its alae continue it), so it is not widened here.
+    spec = SpineSpec(width_by_level={"L5": 80.0})
+    image, truth = make_spine("stir", spec, seed=5)
+    t = truth.array
+    # Elliptic footprint: the outer section is sqrt(1 - (24 / 40)^2) = 0.8 of the middle one.
+    assert _outer_slice_fraction(t, label_from_level("L5")) == pytest.approx(0.8, abs=0.05)
+    assert _outer_slice_fraction(t, label_from_level("L4")) == 0.0
+    seg = segment_vertebral_bodies(image, "stir")
+    assert seg.parameters["sacrum_found"] is True
+    # Names still count L5: the body above S1 is L4, not L5.
+    assert seg.levels == ["S1", *FULL_LEVELS_BOTTOM_UP[2:]]
+    assert "L5" in seg.partial
+    assert sum("left/right edge of the slab" in w for w in seg.warnings) == 1
+    assert not np.any(seg.labels.array == label_from_level("L5"))
+    scores = per_body_dice(seg, truth)
+    assert min(scores[label_from_level(lev)] for lev in seg.levels) >= 0.8
+
+
+def test_laterally_cut_anchor_body_keeps_its_name() -> None:
+    # The field of view ends in L5; L4 (the user's lowest_level, seen whole in plane) is too
+    # wide for the slab: it is left out as partial and L3 keeps its name.
+    spec = SpineSpec(width_by_level={"L4": 80.0})
+    image, truth = make_spine("stir", spec, n_rows=238, seed=6)
+    seg = segment_vertebral_bodies(image, "stir", lowest_level="L4")
+    assert seg.levels == ["L3", "L2", "L1", "T12", "T11", "T10", "T9"]
+    assert "L4" in seg.partial and "L5" in seg.partial
+    assert any("L4 is cut by the left/right edge" in w for w in seg.warnings)
+    scores = per_body_dice(seg, truth)
+    assert min(scores[label_from_level(lev)] for lev in seg.levels) >= 0.8
 
 
 def test_flipped_rows_give_the_same_levels_and_masks() -> None:

@@ -320,6 +320,25 @@ def test_sacrum_out_of_view_gives_lumbar_anchor() -> None:
     assert ph.levels[0] == ph.lowest_level
 
 
+def test_laterally_cut_bodies_count_for_the_anchor_but_are_partial_in_truth() -> None:
+    # A 9-slice slab (40 mm) is narrower than L5 and S1 (~48 mm wide): they leave the slab
+    # sideways, while the field of view holds them whole in plane (sacrum requested in view).
+    ph = make_phantom(_params(n_slices=9, fractures=(), lateral_offset_max_mm=8.0), seed=21)
+    lab = ph.labels.array
+    rows = ph.truth.set_index("level")
+    for level in ("S1", "L5"):
+        body = lab == label_from_level(level)
+        # Hand check of the cut from the label map: voxels in an outer slice (k = 0 or last),
+        # none on the top/bottom/front/back edge of any slice.
+        assert body[0].any() or body[-1].any()
+        assert not (body[:, 0, :].any() or body[:, -1, :].any())
+        assert not (body[:, :, 0].any() or body[:, :, -1].any())
+        assert bool(rows.loc[level].partially_visible)
+    assert ph.sacrum_in_view
+    assert ph.lowest_level == "S1"
+    assert ph.levels[:2] == ["S1", "L5"]
+
+
 def test_top_level_is_highest_fully_visible_body() -> None:
     ph = make_phantom(_params(top_level="T11", fractures=()), seed=10)
     assert ph.levels[-1] == "T11"

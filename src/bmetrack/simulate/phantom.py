@@ -2498,12 +2498,25 @@ class Phantom:
         ``"edema"``, ``"cement"``, ``"rim"``, ``"hemangioma"``: boolean, STIR grid.
     truth : pandas.DataFrame
         One row per vertebral body with voxels in the field of view (`TRUTH_COLUMNS`).
+        ``partially_visible`` is 3D: True when the body's box leaves the field of view in
+        plane (top, bottom, front, back) OR sideways (left-right, beyond the outer sagittal
+        slices), since a laterally cut body cannot be measured over all its sagittal images.
     lowest_level : str
-        Lowest body fully in view (the anchor when the sacrum is not in view).
+        Lowest body a reader sees whole on the sagittal images (the anchor a user gives as
+        ``lowest_level`` when the sacrum is not in view); empty when there is none.
     sacrum_in_view : bool
-        Whether S1 is fully in view.
+        Whether S1 is seen whole on the sagittal images.
     levels : list of str
-        Fully visible bodies, bottom-up.
+        Bodies seen whole on the sagittal images, bottom-up.
+
+    Notes
+    -----
+    `lowest_level`, `sacrum_in_view` and `levels` use IN-PLANE visibility only -- the body's
+    section is not cut by the top, bottom, front or back edge of the field of view and the
+    body's centre lies within the slab -- because that is what a reader naming the lowest
+    visible body sees.  A body cut only laterally (its box leaves the slab left or right, e.g.
+    a wide L5/S1 with an off-centre slab) is therefore in `levels` although its truth row says
+    ``partially_visible``.
     params : PhantomParameters
     seed : int
     header : dict
@@ -2610,10 +2623,11 @@ def make_phantom(params: PhantomParameters | None = None, *, seed: int) -> Phant
     }
     for m in masks.values():
         m.modality = None
-    visible, partial = _visibility(scene, stir_grid, labels)
+    visible, partial, seen = _visibility(scene, stir_grid, labels)
     truth = _truth_table(scene, stir_grid, labels, lesions, visible, partial)
-    levels_up = [v.level for v in reversed(scene.verts) if v.level in visible]
-    sacrum = "S1" in visible
+    # What a reader sees on the sagittal images (in-plane visibility), not the 3D `visible`.
+    levels_up = [v.level for v in reversed(scene.verts) if v.level in seen]
+    sacrum = "S1" in seen
     header = {
         "vendor": acq.vendor,
         "field_strength_t": acq.field_t,
@@ -2643,12 +2657,23 @@ def make_phantom(params: PhantomParameters | None = None, *, seed: int) -> Phant
 
 def _visibility(
     scene: _Scene, grid: _Grid, labels: npt.NDArray[np.int16]
-) -> tuple[set[str], set[str]]:
-    """Levels fully visible and levels cut by the field of view (with voxels in the grid)."""
+) -> tuple[set[str], set[str], set[str]]:
+    """Visibility of the levels with voxels in the grid.
+
+    Returns
+    -------
+    visible, partial : set of str
+        Bodies whose 3D box lies inside the field of view, and the others (cut in plane or
+        sideways by the slab).
+    seen : set of str
+        Bodies seen whole on the sagittal images: box inside the field of view in plane and
+        centre inside the slab (a lateral cut does not count).
+    """
     n_k, n_r, n_c = grid.shape
     present = set(np.unique(labels).tolist())
     visible: set[str] = set()
     partial: set[str] = set()
+    seen: set[str] = set()
     for v in scene.verts:
         if v.label not in present or (v.kind == "sacral" and v.level != "S1"):
             continue
@@ -2666,7 +2691,10 @@ def _visibility(
             visible.add(v.level)
         else:
             partial.add(v.level)
-    return visible, partial
+        centre_k = float(grid.corners_index(v.center[None, :])[0, 0])
+        if in_plane and -0.5 <= centre_k <= n_k - 0.5:
+            seen.add(v.level)
+    return visible, partial, seen
 
 
 def _truth_table(

@@ -100,10 +100,10 @@ def canal_response(
     s_si, s_ap = spacing_mm
     smooth = ndimage.gaussian_filter(plane, (4.0 / s_si, 0.7 / s_ap), mode="nearest")
     best = np.full(plane.shape, -np.inf)
+    flank = ndimage.uniform_filter1d(smooth, max(1, round(3.0 / s_ap)), axis=1)
     for half in _CANAL_HALF_WIDTHS_MM:
         size = max(1, round(2 * half / s_ap))
         centre = ndimage.uniform_filter1d(smooth, size, axis=1, mode="nearest")
-        flank = ndimage.uniform_filter1d(smooth, max(1, round(3.0 / s_ap)), axis=1)
         off = round((half + _CANAL_FLANK_GAP_MM) / s_ap)
         left, right = _shift(flank, off, 1), _shift(flank, -off, 1)
         resp = np.minimum(polarity * (centre - left), polarity * (centre - right))
@@ -131,15 +131,16 @@ def _best_paths(
             # Predecessor column c + o, read at padded index c + o + max_step.
             cand[i] = padded[:, i : i + n_cols] - step_penalty * abs(o)
         arg = np.argmax(cand, axis=0)
-        acc = np.take_along_axis(cand, arg[None], axis=0)[0] + score[:, r]
+        acc = np.max(cand, axis=0) + score[:, r]  # the value at ``arg``
         back[:, r] = offsets[arg]
     paths = np.zeros((n_planes, n_rows))
     totals = np.max(acc, axis=1)
-    for p in range(n_planes):
-        c = int(np.argmax(acc[p]))
-        for r in range(n_rows - 1, -1, -1):
-            paths[p, r] = c
-            c += int(back[p, r, c])
+    # Trace all planes back at once.
+    planes = np.arange(n_planes)
+    c = np.argmax(acc, axis=1)
+    for r in range(n_rows - 1, -1, -1):
+        paths[:, r] = c
+        c = c + back[planes, r, c]
     return paths, totals
 
 
@@ -309,13 +310,14 @@ def _anterior_periodicity(
     """Autocorrelation peak (lags 18-55 mm) of the disc score anterior of a candidate canal:
     the canal has the body column in front, a prevertebral vessel has bowel or fat.  With a
     T1 plane the discs are read there (dark on T1 whatever their hydration)."""
-    frame, straight = straighten(plane[None], canal, spacing_mm)
-    mid = straight[0].astype(np.float64)
+    # One frame and sampling grid for both planes (the same canal straightens both).
+    frame, rr, cc = _frame_grid(canal, spacing_mm)
+    mid = _sample_stack(plane[None], rr, cc)[0].astype(np.float64)
     lo, hi = round(18.0 / frame.step_mm), round(55.0 / frame.step_mm)
     wall = anterior_wall_mm(mid, frame.depths_mm, polarity)
     disc_polarity = -1.0 if polarity < 0 else None
     if t1_plane is not None:
-        mid = straighten(t1_plane[None], canal, spacing_mm)[1][0].astype(np.float64)
+        mid = _sample_stack(t1_plane[None], rr, cc)[0].astype(np.float64)
         disc_polarity = -1.0
     prof = band_profile(mid, frame.depths_mm, wall)
     discs = detect_discs(prof, disc_polarity, frame.step_mm)
@@ -387,6 +389,24 @@ def straighten(
 
     Returns the frame and the straightened stack, shape (n_slices, n_s, n_d).
     """
+    frame, rr, cc = _frame_grid(canal, spacing_mm)
+    return frame, _sample_stack(norm, rr, cc)
+
+
+def _sample_stack(
+    norm: npt.NDArray[np.float32], rr: FloatArray, cc: FloatArray
+) -> npt.NDArray[np.float32]:
+    """Every slice of ``norm`` sampled (linear, nearest edge) at work-grid ``(rr, cc)``."""
+    out = np.empty((norm.shape[0], *rr.shape), dtype=np.float32)
+    for k in range(norm.shape[0]):
+        out[k] = ndimage.map_coordinates(norm[k], [rr, cc], order=1, mode="nearest")
+    return out
+
+
+def _frame_grid(
+    canal: CanalPath, spacing_mm: tuple[float, float, float]
+) -> tuple[Frame, FloatArray, FloatArray]:
+    """The frame along ``canal`` and the work-grid (row, column) of its (n_s, n_d) samples."""
     s_si, s_ap = spacing_mm[1], spacing_mm[2]
     rows = np.arange(canal.first, canal.last + 1, dtype=np.float64)
     mm = np.stack([rows * s_si, canal.columns * s_ap], axis=1)
@@ -401,13 +421,10 @@ def straighten(
     points = pts_mm / np.array([s_si, s_ap])
     depths = np.arange(_DEPTH_RANGE_MM[0], _DEPTH_RANGE_MM[1] + 1e-9, _FRAME_STEP_MM)
     frame = Frame(points, normals, depths, _FRAME_STEP_MM, (s_si, s_ap))
-    rr, cc = frame.to_index(
-        np.arange(len(points))[:, None] * np.ones((1, len(depths))), depths[None, :]
-    )
-    out = np.empty((norm.shape[0], len(points), len(depths)), dtype=np.float32)
-    for k in range(norm.shape[0]):
-        out[k] = ndimage.map_coordinates(norm[k], [rr, cc], order=1, mode="nearest")
-    return frame, out
+    # Arc index per row only (broadcast against depths): same values as a full (n_s, n_d)
+    # index grid without interpolating the frame n_d times per step.
+    rr, cc = frame.to_index(np.arange(len(points), dtype=np.float64)[:, None], depths[None, :])
+    return frame, rr, cc
 
 
 def anterior_wall_mm(mid: FloatArray, depths_mm: FloatArray, polarity: float) -> FloatArray:
@@ -427,9 +444,24 @@ def band_profile(mid: FloatArray, depths_mm: FloatArray, wall_mm: FloatArray) ->
     out = np.empty((mid.shape[0], len(_SUB_BANDS_MM)))
     for i, (lo, hi) in enumerate(_SUB_BANDS_MM):
         band = np.where((rel >= lo) & (rel <= hi), mid, np.nan)
-        prof = np.nanmedian(band, axis=1)
+        prof = _row_nanmedian(band)
         out[:, i] = np.nan_to_num(prof, nan=float(np.nanmedian(prof)))
     return out
+
+
+def _row_nanmedian(band: FloatArray) -> FloatArray:
+    """``np.nanmedian(band, axis=1)`` (NaN for an all-NaN row), without its slow masked-array
+    path for short rows: the same mean of the two middle sorted values."""
+    srt = np.sort(band, axis=1)  # NaN sort last
+    counts = np.count_nonzero(~np.isnan(band), axis=1)
+    h = counts // 2
+    low = np.where(counts % 2 == 1, h, h - 1)
+    rows = np.arange(band.shape[0])
+    lo_val = srt[rows, np.maximum(low, 0)]
+    hi_val = srt[rows, np.minimum(h, band.shape[1] - 1)]
+    med = (lo_val + hi_val) / 2.0
+    med[counts == 0] = np.nan
+    return med
 
 
 @dataclass(frozen=True)
@@ -509,16 +541,16 @@ def detect_discs(
     gain[:edge] = -np.inf
     gain[-edge:] = -np.inf
     lam = 5.0 * strong
+    # Spacing penalty by gap i - j (tabulated once; same arithmetic as per candidate).
+    penalty = lam * (np.arange(gmax + 1) / period - 1.0) ** 2
     for i in range(n):
         best[i] = gain[i]
         j0, j1 = max(0, i - gmax), i - gmin
         if j1 >= j0:
-            js = np.arange(j0, j1 + 1)
-            gap = (i - js) / period
-            cand = best[js] + gain[i] - lam * (gap - 1.0) ** 2
+            cand = best[j0 : j1 + 1] + gain[i] - penalty[i - j0 : i - j1 - 1 : -1]
             m = int(np.argmax(cand))
             if cand[m] > best[i]:
-                best[i], prev[i] = cand[m], js[m]
+                best[i], prev[i] = cand[m], j0 + m
     end = int(np.argmax(best))
     chain = []
     while end >= 0:

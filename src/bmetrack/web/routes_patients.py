@@ -209,6 +209,26 @@ def _require_version(version: int | None) -> None:
         raise records.StaleRecordError(msg)
 
 
+def _refusal(session: Session, write: Callable[[], object]) -> dict[str, Any] | None:
+    """Run a records write; None when it was accepted, else the form's error arguments
+    (after rolling back): invalid input 422, a stale form 409."""
+    try:
+        write()
+        session.flush()
+    except records.ValidationError as error:
+        problems, message = error.problems, ""
+    except records.StaleRecordError as error:
+        problems, message = [], f"Not saved: {error}"
+    else:
+        return None
+    session.rollback()
+    return {
+        "errors": _errors_by_field(problems),
+        "message": message or _FIX_MESSAGE,
+        "status_code": 409 if message else 422,
+    }
+
+
 # --------------------------------------------------------------------------- patient pages
 
 
@@ -257,23 +277,21 @@ async def create_patient(request: Request, user: Editor) -> Response:
     form = await request.form()
     values = _patient_values(form)
     study = _text(form, "study")
+    created: list[Patient] = []
     with session_scope(request.app.state.engine) as session:
-        try:
-            patient = _create_patient(session, user, study, values)
-            session.flush()
-            patient_id = patient.id
-        except records.ValidationError as error:
-            session.rollback()
+        refusal = _refusal(
+            session, lambda: created.append(_create_patient(session, user, study, values))
+        )
+        if refusal is not None:
             return _patient_form(
                 request,
                 patient=None,
                 values=values,
-                errors=_errors_by_field(error.problems),
-                message=_FIX_MESSAGE,
-                status_code=422,
                 studies=_study_codes(session),
                 study=study,
+                **refusal,
             )
+        patient_id = created[0].id
     return RedirectResponse(f"/patients/{patient_id}/procedures/new", status_code=303)
 
 
@@ -301,25 +319,21 @@ async def save_patient(request: Request, user: Editor, patient_id: int) -> Respo
     reason = _text(form, "reason")
     with session_scope(request.app.state.engine) as session:
         _patient(session, patient_id)
-        try:
+
+        def write() -> None:
             _require_version(version)
             _update_patient(session, user, patient_id, values, version, reason)
-        except records.ValidationError as error:
-            problems, message = error.problems, ""
-        except records.StaleRecordError as error:
-            problems, message = [], f"Not saved: {error}"
-        else:
+
+        refusal = _refusal(session, write)
+        if refusal is None:
             return RedirectResponse(f"/patients/{patient_id}", status_code=303)
-        session.rollback()
         return _patient_form(
             request,
             patient=_patient(session, patient_id),
             values=values,
-            errors=_errors_by_field(problems),
-            message=message or _FIX_MESSAGE,
-            status_code=409 if message else 422,
             row_version=version,
             reason=reason,
+            **refusal,
         )
 
 
@@ -371,20 +385,15 @@ async def create_procedure(request: Request, user: Editor, patient_id: int) -> R
     levels = _level_rows(form)
     with session_scope(request.app.state.engine) as session:
         patient = _patient(session, patient_id)
-        try:
-            _add_procedure(session, user, patient, values, levels)
-            session.flush()
-        except records.ValidationError as error:
-            session.rollback()
+        refusal = _refusal(session, lambda: _add_procedure(session, user, patient, values, levels))
+        if refusal is not None:
             return _procedure_form(
                 request,
                 patient=_patient(session, patient_id),
                 procedure=None,
                 values=values,
                 levels=levels,
-                errors=_errors_by_field(error.problems),
-                message=_FIX_MESSAGE,
-                status_code=422,
+                **refusal,
             )
     return RedirectResponse(f"/patients/{patient_id}", status_code=303)
 
@@ -421,16 +430,14 @@ async def save_procedure(request: Request, user: Editor, procedure_id: int) -> R
     reason = _text(form, "reason")
     with session_scope(request.app.state.engine) as session:
         patient_id = _procedure(session, procedure_id).patient_id
-        try:
+
+        def write() -> None:
             _require_version(version)
             _edit_procedure(session, user, procedure_id, values, levels, version, reason)
-        except records.ValidationError as error:
-            problems, message = error.problems, ""
-        except records.StaleRecordError as error:
-            problems, message = [], f"Not saved: {error}"
-        else:
+
+        refusal = _refusal(session, write)
+        if refusal is None:
             return RedirectResponse(f"/patients/{patient_id}", status_code=303)
-        session.rollback()
         procedure = _procedure(session, procedure_id)
         return _procedure_form(
             request,
@@ -438,11 +445,9 @@ async def save_procedure(request: Request, user: Editor, procedure_id: int) -> R
             procedure=procedure,
             values=values,
             levels=levels,
-            errors=_errors_by_field(problems),
-            message=message or _FIX_MESSAGE,
-            status_code=409 if message else 422,
             row_version=version,
             reason=reason,
+            **refusal,
         )
 
 

@@ -1548,23 +1548,29 @@ def add_new_vcf_event(
     return _new_vcf(session, patient, visit, levels[0], date, source, actor)
 
 
+def _audit_delete(session: Session, obj: Base, actor: str, reason: str, context: str = "") -> None:
+    """A 'delete' event keeping the row's values, written before the row goes."""
+    session.add(
+        AuditEvent(
+            actor=actor,
+            action="delete",
+            entity=obj.__tablename__,
+            entity_id=getattr(obj, "id", None),
+            field="",
+            old_value=json.dumps(_row_values(obj), default=str, sort_keys=True),
+            new_value=None,
+            reason=reason,
+            context=context,
+        )
+    )
+
+
 def remove_new_vcf_event(
     session: Session, vcf: NewVcfEvent, *, actor: str, reason: str = ""
 ) -> None:
     """Delete a new-VCF record (an entry error), keeping its values in the audit log."""
     require_actor(actor)
-    session.add(
-        AuditEvent(
-            actor=actor,
-            action="delete",
-            entity=NewVcfEvent.__tablename__,
-            entity_id=vcf.id,
-            field="",
-            old_value=json.dumps(_row_values(vcf), default=str, sort_keys=True),
-            new_value=None,
-            reason=reason,
-        )
-    )
+    _audit_delete(session, vcf, actor, reason)
     vcf.patient.new_vcf_events.remove(vcf)
     session.delete(vcf)
 
@@ -2064,19 +2070,7 @@ def edit_procedure(
     for level, treated in current.items():
         if level in wanted:
             continue
-        session.add(
-            AuditEvent(
-                actor=actor,
-                action="delete",
-                entity=TreatedLevel.__tablename__,
-                entity_id=treated.id,
-                field="",
-                old_value=json.dumps(_row_values(treated), default=str, sort_keys=True),
-                new_value=None,
-                reason=reason,
-                context=f"procedure {procedure.id}",
-            )
-        )
+        _audit_delete(session, treated, actor, reason, context=f"procedure {procedure.id}")
         procedure.treated_levels.remove(treated)
         session.delete(treated)
         levels_changed = True

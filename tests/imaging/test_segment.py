@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pytest
 
+import bmetrack.imaging.segment as segment_module
 from bmetrack.anatomy import label_from_level
 from bmetrack.imaging.segment import (
     Contrast,
@@ -19,6 +20,7 @@ from bmetrack.imaging.segment import (
     SegmentationError,
     segment_vertebral_bodies,
 )
+from bmetrack.imaging.segment_delineate import BodyMask, BodySpan
 from bmetrack.imaging.volume import Volume
 
 # Tissue signal per contrast (arbitrary units, before scanner scaling).
@@ -52,6 +54,10 @@ class SpineSpec:
     sacrum: bool = True
     edema_level: str | None = None
     cement_level: str | None = None
+    # Edema filling the front half of this body (an edge inside the body, front to back).
+    front_edema_level: str | None = None
+    # Tissue with the marrow's signal beside this body, left and right (ribs, fatty muscle).
+    marrow_beside_level: str | None = None
     # Wider bodies at some levels (mm), e.g. to reach beyond the slab sideways.
     width_by_level: dict[str, float] = field(default_factory=dict)
 
@@ -85,11 +91,15 @@ def render_spine(
     img[trunk < 1.0] = tissue["fat"]
     img[trunk < 0.80] = tissue["muscle"]
     half_w, half_d = spec.width_mm / 2, spec.depth_mm / 2
-    radial2 = (x / half_w) ** 2 + (v / half_d) ** 2
     centres = _level_centres_mm(spec)
     top = max(centres.values()) + spec.body_height_mm / 2 + spec.disc_mm
     bottom = min(centres.values()) - spec.body_height_mm / 2
-    column = (radial2 < 1.0) & (z < top) & (z > bottom)
+    # Discs are as wide as the bodies they join: each point takes the width of the nearest body.
+    levels = list(centres)
+    nearest = np.argmin(np.abs(z[..., None] - np.array([centres[lev] for lev in levels])), axis=-1)
+    widths = np.array([spec.width_by_level.get(lev, spec.width_mm) for lev in levels])
+    column_radial2 = (x / (widths[nearest] / 2)) ** 2 + (v / half_d) ** 2
+    column = (column_radial2 < 1.0) & (z < top) & (z > bottom)
     img[column] = tissue["disc"]
     # Posterior elements: pedicles, laminae, spinous processes (bone) around the canal.
     canal_v = half_d + 9.0
@@ -118,6 +128,13 @@ def render_spine(
         img[inner] = tissue["marrow"]
         if lev == spec.edema_level:
             img[inner & (u > -0.2 * spec.body_height_mm)] = tissue["edema"]
+        if lev == spec.front_edema_level:
+            img[inner & (v < 0.0)] = tissue["edema"]
+        if lev == spec.marrow_beside_level:
+            beside = (
+                (np.abs(u) < hh + spec.disc_mm) & (np.abs(x) > half_w + 1.5) & (np.abs(v) < half_d)
+            )
+            img[beside] = tissue["marrow"]
         if lev == spec.cement_level:
             blob = (x / 12.0) ** 2 + ((v + 2.0) / 9.0) ** 2 + (u / 8.0) ** 2 < 1.0
             img[inner & blob] = tissue["cement"]
@@ -535,3 +552,49 @@ def test_periodic_contrast_prefers_a_column_of_discs_to_smooth_texture() -> None
     assert _periodic_contrast(cosine, 18, 55) == pytest.approx(expected, abs=0.05)
     smooth = ndimage.gaussian_filter1d(np.random.default_rng(0).normal(size=n), 12.0)
     assert _periodic_contrast(smooth, 18, 55) < 0.5
+
+
+def test_tissue_with_marrow_signal_beside_a_body_is_not_taken_for_more_of_it() -> None:
+    # Beside L4 and its discs, left and right, lies tissue with the marrow's signal: the
+    # body's outline must stop at its own lateral edge (no disc above and below there).
+    spec = SpineSpec(marrow_beside_level="L4", width_mm=36.0)
+    image, truth = make_spine("stir", spec, seed=3)
+    seg = segment_vertebral_bodies(image, "stir")
+    lab = label_from_level("L4")
+    true_slices = set(np.flatnonzero((truth.array == lab).any(axis=(1, 2))))
+    found_slices = set(np.flatnonzero((seg.labels.array == lab).any(axis=(1, 2))))
+    assert found_slices <= true_slices
+    assert per_body_dice(seg, truth)[lab] >= 0.95
+
+
+def test_a_body_much_shallower_than_its_neighbours_is_outlined_again_deeper(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Depths (mm) of five first outlines: the middle one stopped half way (an edge inside it).
+    first = [
+        BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), depth)
+        for depth in (36.0, 38.0, 19.0, 40.0, 39.0)
+    ]
+    spans = [BodySpan((10.0 * i, 0.0), (10.0 * i + 8.0, 0.0)) for i in range(5)]
+    calls: list[BodySpan] = []
+
+    def outline_again(norm, grad, frame, wall, span, mid_k, spacing):
+        calls.append(span)
+        return BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), 37.0)
+
+    monkeypatch.setattr(segment_module, "delineate_body", outline_again)
+    out = segment_module._redelineate_shallow(first, spans, None, None, None, None, 0, 4.0)
+    # Only the shallow body is outlined again, its inner marker reaching 5 mm short of the
+    # median depth of its two neighbours on each side (36, 38, 40, 39: 38.5).
+    assert len(calls) == 1
+    assert calls[0].upper == spans[2].upper
+    assert calls[0].core_depth_mm == pytest.approx(38.5 - 5.0)
+    assert [b.depth_mm for b in out] == [36.0, 38.0, 37.0, 40.0, 39.0]
+    # A second outline no deeper than the first is not taken.
+    monkeypatch.setattr(
+        segment_module,
+        "delineate_body",
+        lambda *a: BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), 15.0),
+    )
+    kept = segment_module._redelineate_shallow(first, spans, None, None, None, None, 0, 4.0)
+    assert kept[2] is first[2]

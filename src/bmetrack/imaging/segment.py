@@ -14,10 +14,14 @@ A classical, weight-free pipeline (no learned component, nothing downloaded):
    bands inside fractured or edematous bodies).
 5. Each body is delineated between its discs by a marker-controlled watershed (tolerant to
    edema and cement, whose signal differs but whose position is inside the body), holes
-   filled, and propagated laterally slice by slice.  S1 is delineated in a straight frame
-   along its own axis (perpendicular to the L5-S1 disc), since the canal frame bends away
-   from it below the thecal sac.  A body at either end of the field of view whose outer disc
-   is cut by the edge is kept when it is as long as a body and disc signal shows at the edge.
+   filled, and propagated laterally slice by slice while the discs are seen above and below
+   (tissue beside a body may have the marrow's signal).  A body much shallower than its
+   neighbours (an edge inside it, from edema or cement, stopped the watershed) is outlined
+   again with its inner marker reaching close to the neighbours' depth.  S1 is delineated in
+   a straight frame along its own axis (perpendicular to the L5-S1 disc), since the canal
+   frame bends away from it below the thecal sac.  A body at either end of the field of view
+   whose outer disc is cut by the edge is kept when it is as long as a body and disc signal
+   shows at the edge.
    A body (not S1: its alae continue it sideways) filling the first or last slice (more than
    `_LATERAL_CUT_FRACTION` of its mid-sagittal section, same signal) is cut by the left/right
    edge of the slab: reported partial, not labelled, but still counted when naming the bodies
@@ -33,7 +37,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -71,7 +75,7 @@ __all__ = [
     "segment_vertebral_bodies",
 ]
 
-METHOD_VERSION = "bmetrack-classic-1.2"
+METHOD_VERSION = "bmetrack-classic-1.3"
 #: Unnamed levels V1..Vn (no sacrum, no anchor) get labels 101..100+n (no VerSe integer).
 UNNAMED_LABEL_OFFSET = 100
 
@@ -120,6 +124,12 @@ _MIN_BONE_FRACTION = 0.5
 _MIN_PERIODICITY = 0.8
 _MIN_DISC_SCORE = 2.0
 _MIN_CANAL_SCORE = 1.15
+# A body shallower than this fraction of its neighbours' median depth (up to
+# `_DEPTH_NEIGHBOURS` bodies on each side) is outlined again with its inner marker reaching
+# `_CORE_FRONT_GAP_MM` short of the neighbours' depth.
+_SHALLOW_FRACTION = 0.8
+_DEPTH_NEIGHBOURS = 2
+_CORE_FRONT_GAP_MM = 5.0
 
 FloatArray = npt.NDArray[np.float64]
 
@@ -440,10 +450,11 @@ def segment_vertebral_bodies(
                 fluid_norm[k], (1.0 / wsp[1], 1.0 / wsp[2]), mode="nearest"
             )
             grad[k] = np.sqrt(grad[k] ** 2 + g2**2)
+    above_s1 = spans[: len(spans) - int(has_sacrum)]
     bodies: list[BodyMask | None] = [
-        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0])
-        for sp in spans[: len(spans) - int(has_sacrum)]
+        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0]) for sp in above_s1
     ]
+    bodies = _redelineate_shallow(bodies, above_s1, norm, grad, frame, wall, mid_k, wsp[0])
     if has_sacrum:
         # The canal frame bends away from S1 (sacral kyphosis, frame extrapolated below the
         # thecal sac): S1 is delineated in a straight local frame along its own axis,
@@ -801,6 +812,43 @@ def _has_run(mask: npt.NDArray[np.bool_], length: int) -> bool:
         if run >= length:
             return True
     return False
+
+
+def _redelineate_shallow(
+    bodies: list[BodyMask | None],
+    spans: list[BodySpan],
+    norm: npt.NDArray[np.float32],
+    grad: npt.NDArray[np.float32],
+    frame: Frame,
+    wall: FloatArray,
+    mid_k: int,
+    slice_spacing_mm: float,
+) -> list[BodyMask | None]:
+    """Outline again the bodies much shallower than their neighbours, with a deeper core.
+
+    A body's depth (front to back) changes little from one level to the next, also in a
+    fracture (a wedge loses height, not depth).  An edematous or cemented body has edges
+    inside it that can stop the first outline part way; its neighbours' median depth then
+    sets how far forward its inner marker reaches.
+    """
+    depths = np.array([b.depth_mm if b is not None else np.nan for b in bodies])
+    out = list(bodies)
+    for i, body in enumerate(bodies):
+        near = np.r_[
+            depths[max(0, i - _DEPTH_NEIGHBOURS) : i], depths[i + 1 : i + 1 + _DEPTH_NEIGHBOURS]
+        ]
+        near = near[np.isfinite(near) & (near > 0)]
+        if body is None or near.size < 2:
+            continue
+        expected = float(np.median(near))
+        if body.depth_mm >= _SHALLOW_FRACTION * expected:
+            continue
+        core_depth_mm = max(spans[i].core_depth_mm, expected - _CORE_FRONT_GAP_MM)
+        deeper = replace(spans[i], core_depth_mm=core_depth_mm)
+        again = delineate_body(norm, grad, frame, wall, deeper, mid_k, slice_spacing_mm)
+        if again is not None and again.depth_mm > body.depth_mm:
+            out[i] = again
+    return out
 
 
 def _s1_frame(

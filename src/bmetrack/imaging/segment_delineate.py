@@ -5,8 +5,10 @@ magnitude of the normalised image: the inner marker is the body's core (whatever
 edema or cement change the signal but not where the core is), the outer markers are the two
 disc mid-lines, the canal and the region far anterior.  Posterior elements are cut off by the
 canal's anterior wall, extended as a plane through every slice.  Holes (cement) are filled.  The
-mid-sagittal result is propagated slice by slice laterally until the body's signal or size no
-longer matches the mid-sagittal body.
+mid-sagittal result is propagated slice by slice laterally, each slice within one pixel of the
+previous one, until the body's signal or size no longer matches the mid-sagittal body or its
+discs are no longer seen above and below it (tissue beside a body can have the marrow's signal;
+the discs are as wide as the bodies).
 """
 
 from __future__ import annotations
@@ -29,6 +31,15 @@ BoolArray = npt.NDArray[np.bool_]
 _MAX_DEPTH_MM = 55.0
 # A lateral slice is kept while its body area is at least this fraction of the mid-sagittal one.
 _MIN_AREA_FRACTION = 0.3
+# Inner marker depth range (mm in front of the canal wall) of a first outline.
+_CORE_DEPTH_MM = 14.0
+# A lateral slice is a slice of the body only while its discs are there: the contrast between
+# the disc lines and the body (T1: discs darker than marrow) keeps at least this fraction of
+# its mid-sagittal value and at most `_MAX_DISC_CONTRAST_GAIN` times it (beyond: no data).
+_MIN_DISC_CONTRAST_FRACTION = 0.25
+_MAX_DISC_CONTRAST_GAIN = 1.6
+# Mid-sagittal disc contrast below which the disc test is not used (discs not seen).
+_MIN_MID_DISC_CONTRAST = 0.15
 
 
 @dataclass(frozen=True)
@@ -46,6 +57,10 @@ class BodySpan:
     upper_margin: float = 0.0
     lower_margin: float = 0.0
     depth_limit_mm: float = _MAX_DEPTH_MM
+    # Anterior end of the inner marker (mm in front of the wall).  Deeper when the
+    # neighbouring bodies show this body's first outline stopped short (edema or cement edges
+    # inside the body stop the watershed).
+    core_depth_mm: float = _CORE_DEPTH_MM
 
 
 def _frame_coordinates(
@@ -76,6 +91,8 @@ class BodyMask:
     mask: BoolArray  # (n_slices, box_rows, box_cols)
     origin: tuple[int, int]
     slices: tuple[int, int]  # first and last slice with voxels
+    # Mid-sagittal depth in front of the wall (mm) of the body's middle half (98th percentile).
+    depth_mm: float = 0.0
 
 
 def delineate_body(
@@ -116,7 +133,7 @@ def delineate_body(
     within = (s_val > upper) & (s_val < lower)
     top = upper + np.clip(span.upper_margin, 0.2 * height, 0.4 * height)
     bottom = lower - np.clip(span.lower_margin, 0.2 * height, 0.4 * height)
-    core = (s_val > top) & (s_val < bottom) & (d_val > 3.0) & (d_val < 14.0)
+    core = (s_val > top) & (s_val < bottom) & (d_val > 3.0) & (d_val < span.core_depth_mm)
     outer = (
         (np.abs(s_val - upper) < 1.0)
         | (np.abs(s_val - lower) < 1.0)
@@ -154,6 +171,23 @@ def delineate_body(
     mid = one_slice(mid_slice, core)
     if not mid.any():
         return None
+    disc_band = (
+        ((np.abs(s_val - upper) < 1.2) | (np.abs(s_val - lower) < 1.2))
+        & (d_val > 3.0)
+        & (d_val < min(25.0, span.depth_limit_mm))
+    )
+
+    # Against the mid-sagittal body's signal: cement or edema change the body's signal from
+    # slice to slice, the disc's signal does not.
+    body_mid = float(np.median(norm[mid_slice, r0:r1, c0:c1][mid]))
+
+    def disc_contrast(k: int) -> float:
+        """Contrast of the disc lines on slice k to the mid-sagittal body (0: none)."""
+        if not disc_band.any() or body_mid == 0.0:
+            return 0.0
+        return 1.0 - float(np.median(norm[k, r0:r1, c0:c1][disc_band])) / body_mid
+
+    contrast_mid = disc_contrast(mid_slice)
     out[mid_slice] = mid
     area_mid = int(mid.sum())
     # Marrow statistics of the mid-sagittal body, cortex excluded by erosion.
@@ -169,10 +203,16 @@ def delineate_body(
             inner = ndimage.binary_erosion(prev, iterations=3) & core
             if inner.sum() < 4:
                 break
-            region = one_slice(k, inner)
+            # A body's section hardly grows away from the mid-sagittal plane: one pixel
+            # around the previous slice's outline at most (more has leaked beside the body).
+            region = one_slice(k, inner) & ndimage.binary_dilation(prev, iterations=1)
             area = int(region.sum())
             if area < _MIN_AREA_FRACTION * area_mid:
                 break
+            if abs(contrast_mid) >= _MIN_MID_DISC_CONTRAST:
+                gain = disc_contrast(k) / contrast_mid
+                if not _MIN_DISC_CONTRAST_FRACTION <= gain <= _MAX_DISC_CONTRAST_GAIN:
+                    break  # no disc above and below: lateral to the body
             med = float(np.median(norm[k, r0:r1, c0:c1][region]))
             if not lo - 0.75 * spread <= med <= hi + 0.75 * spread:
                 break
@@ -182,4 +222,6 @@ def delineate_body(
             prev = region
             k += step
     ks = np.flatnonzero(out.any(axis=(1, 2)))
-    return BodyMask(out, (r0, c0), (int(ks[0]), int(ks[-1])))
+    middle = mid & (s_val > upper + 0.25 * height) & (s_val < lower - 0.25 * height)
+    depth = float(np.percentile(d_val[middle], 98)) if middle.any() else 0.0
+    return BodyMask(out, (r0, c0), (int(ks[0]), int(ks[-1])), depth)

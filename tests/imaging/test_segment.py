@@ -598,3 +598,18 @@ def test_a_body_much_shallower_than_its_neighbours_is_outlined_again_deeper(
     )
     kept = segment_module._redelineate_shallow(first, spans, None, None, None, None, 0, 4.0)
     assert kept[2] is first[2]
+
+
+def test_a_lowest_body_at_the_edge_of_the_field_of_view_is_the_one_below_lowest_level() -> None:
+    # The field of view ends one row below L5's inferior endplate: L5 is in the image but its
+    # endplate lies on the edge (no disc below it seen).  The user names L4 the lowest body
+    # seen whole; L5 must then be reported partial, not named L4.
+    image, truth = make_spine("stir", SpineSpec(), n_rows=248, seed=2)
+    l5_rows = np.flatnonzero((truth.array == label_from_level("L5")).any(axis=(0, 2)))
+    assert l5_rows[-1] == 246  # inside the image (rows 0..247), touching its edge
+    seg = segment_vertebral_bodies(image, "stir", lowest_level="L4")
+    assert seg.levels[:2] == ["L4", "L3"]
+    assert "L5" in seg.partial
+    assert not np.any(seg.labels.array == label_from_level("L5"))
+    scores = per_body_dice(seg, truth)
+    assert min(scores[label_from_level(lev)] for lev in seg.levels) >= 0.8

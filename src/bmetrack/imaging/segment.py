@@ -28,7 +28,8 @@ A classical, weight-free pipeline (no learned component, nothing downloaded):
    above it.
 6. Levels are counted upward from S1 when the sacrum is in view (the end of the thecal sac
    on STIR/T2; without a fluid image or without that cue, a long fused bony segment below
-   the lowest disc), else from ``lowest_level``, else named V1..Vn.  A user-given
+   the lowest disc), else from ``lowest_level``, else named V1..Vn (a lowest body reaching
+   the edge of the field of view is then the partly seen body below them).  A user-given
    ``lowest_level`` is overridden only by the thecal-sac cue: the weaker bony-length rules
    can take a partly visible lumbar body for the sacrum.
 """
@@ -128,6 +129,8 @@ _MIN_CANAL_SCORE = 1.15
 # `_DEPTH_NEIGHBOURS` bodies on each side) is outlined again with its inner marker reaching
 # `_CORE_FRONT_GAP_MM` short of the neighbours' depth.
 _SHALLOW_FRACTION = 0.8
+# A body whose mask comes this close (work pixels) to the in-plane edge of the data is cut.
+_FOV_EDGE_PX = 1
 _DEPTH_NEIGHBOURS = 2
 _CORE_FRONT_GAP_MM = 5.0
 
@@ -208,6 +211,38 @@ def _work_image(
         spacing_mm[2] * canon.shape[2] / work.shape[2],
     )
     return work.astype(np.float32), step
+
+
+def _work_mask(
+    mask: npt.NDArray[np.bool_], spacing_mm: tuple[float, float, float]
+) -> npt.NDArray[np.bool_]:
+    """A canonical-grid mask on the work grid (any overlap counts)."""
+    work, _ = _work_image(mask.astype(np.float32), spacing_mm)
+    return work > 0.01
+
+
+def _reaches_fov_edge(
+    body: BodyMask, work_shape: tuple[int, ...], no_data: npt.NDArray[np.bool_] | None
+) -> bool:
+    """Whether the body's mask comes within `_FOV_EDGE_PX` work pixels of the in-plane edge
+    of the image or of a region without data (``no_data``, work grid)."""
+    r0, c0 = body.origin
+    _, br, bc = body.mask.shape
+    rows, cols = np.nonzero(body.mask.any(axis=0))
+    if rows.size == 0:
+        return False
+    m = _FOV_EDGE_PX
+    if no_data is not None:
+        near = ndimage.binary_dilation(no_data[:, r0 : r0 + br, c0 : c0 + bc], iterations=m)
+        if np.any(near & body.mask):
+            return True
+    n_r, n_c = work_shape[1:]
+    return bool(
+        r0 + rows.min() < m
+        or c0 + cols.min() < m
+        or r0 + rows.max() > n_r - 1 - m
+        or c0 + cols.max() > n_c - 1 - m
+    )
 
 
 def _to_full(
@@ -465,6 +500,16 @@ def segment_vertebral_bodies(
                 norm, grad, s1_frame, np.zeros(len(s1_frame.points)), s1_span, mid_k, wsp[0]
             )
         )
+
+    # When no sacrum names the bodies, a lowest body reaching the in-plane edge of the field
+    # of view (or of the other sequence's) is not seen whole: it is the partly seen body below
+    # the lowest whole one, the body `lowest_level` names.  (Not applied to the top body: a
+    # mask spreading a pixel or two past its endplate would drop a whole body there.)
+    if not has_sacrum and len(bodies) > 1 and bodies[-1] is not None:
+        no_data = None if pair is None else _work_mask(np.isnan(other_canon), geo.spacing_mm)
+        if _reaches_fov_edge(bodies[-1], norm.shape, no_data):
+            bodies, spans = bodies[:-1], spans[:-1]
+            partial_bottom = True
 
     # Names, bottom-up.
     n_bodies = len(spans)

@@ -35,9 +35,10 @@ _MIN_AREA_FRACTION = 0.3
 _CORE_DEPTH_MM = 14.0
 # A lateral slice is a slice of the body only while its discs are there: the contrast between
 # the disc lines and the body (T1: discs darker than marrow) keeps at least this fraction of
-# its mid-sagittal value and at most `_MAX_DISC_CONTRAST_GAIN` times it (beyond: no data).
+# its mid-sagittal value, and the disc lines' signal at least `_MIN_DISC_SIGNAL_FRACTION` of
+# theirs (below: outside the other sequence's field of view, no data).
 _MIN_DISC_CONTRAST_FRACTION = 0.25
-_MAX_DISC_CONTRAST_GAIN = 1.6
+_MIN_DISC_SIGNAL_FRACTION = 0.25
 # Mid-sagittal disc contrast below which the disc test is not used (discs not seen).
 _MIN_MID_DISC_CONTRAST = 0.15
 
@@ -181,13 +182,12 @@ def delineate_body(
     # slice to slice, the disc's signal does not.
     body_mid = float(np.median(norm[mid_slice, r0:r1, c0:c1][mid]))
 
-    def disc_contrast(k: int) -> float:
-        """Contrast of the disc lines on slice k to the mid-sagittal body (0: none)."""
-        if not disc_band.any() or body_mid == 0.0:
-            return 0.0
-        return 1.0 - float(np.median(norm[k, r0:r1, c0:c1][disc_band])) / body_mid
+    def disc_signal(k: int) -> float:
+        """Median signal on the disc lines of slice k."""
+        return float(np.median(norm[k, r0:r1, c0:c1][disc_band])) if disc_band.any() else 0.0
 
-    contrast_mid = disc_contrast(mid_slice)
+    disc_mid = disc_signal(mid_slice)
+    contrast_mid = 1.0 - disc_mid / body_mid if body_mid else 0.0
     out[mid_slice] = mid
     area_mid = int(mid.sum())
     # Marrow statistics of the mid-sagittal body, cortex excluded by erosion.
@@ -210,9 +210,13 @@ def delineate_body(
             if area < _MIN_AREA_FRACTION * area_mid:
                 break
             if abs(contrast_mid) >= _MIN_MID_DISC_CONTRAST:
-                gain = disc_contrast(k) / contrast_mid
-                if not _MIN_DISC_CONTRAST_FRACTION <= gain <= _MAX_DISC_CONTRAST_GAIN:
-                    break  # no disc above and below: lateral to the body
+                disc = disc_signal(k)
+                gain = (1.0 - disc / body_mid) / contrast_mid
+                if (
+                    gain < _MIN_DISC_CONTRAST_FRACTION
+                    or disc < _MIN_DISC_SIGNAL_FRACTION * disc_mid
+                ):
+                    break  # no disc above and below: lateral to the body, or no data
             med = float(np.median(norm[k, r0:r1, c0:c1][region]))
             if not lo - 0.75 * spread <= med <= hi + 0.75 * spread:
                 break

@@ -567,9 +567,7 @@ def test_tissue_with_marrow_signal_beside_a_body_is_not_taken_for_more_of_it() -
     assert per_body_dice(seg, truth)[lab] >= 0.95
 
 
-def test_a_body_much_shallower_than_its_neighbours_is_outlined_again_deeper(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_a_body_much_shallower_than_its_neighbours_is_outlined_again_deeper() -> None:
     # Depths (mm) of five first outlines: the middle one stopped half way (an edge inside it).
     first = [
         BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), depth)
@@ -578,25 +576,21 @@ def test_a_body_much_shallower_than_its_neighbours_is_outlined_again_deeper(
     spans = [BodySpan((10.0 * i, 0.0), (10.0 * i + 8.0, 0.0)) for i in range(5)]
     calls: list[BodySpan] = []
 
-    def outline_again(norm, grad, frame, wall, span, mid_k, spacing):
+    def outline_again(span: BodySpan) -> BodyMask:
         calls.append(span)
         return BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), 37.0)
 
-    monkeypatch.setattr(segment_module, "delineate_body", outline_again)
-    out = segment_module._redelineate_shallow(first, spans, None, None, None, None, 0, 4.0)
+    out = segment_module._redelineate_shallow(first, spans, outline_again)
     # Only the shallow body is outlined again, its inner marker reaching 5 mm short of the
     # median depth of its two neighbours on each side (36, 38, 40, 39: 38.5).
     assert len(calls) == 1
     assert calls[0].upper == spans[2].upper
     assert calls[0].core_depth_mm == pytest.approx(38.5 - 5.0)
-    assert [b.depth_mm for b in out] == [36.0, 38.0, 37.0, 40.0, 39.0]
+    assert [b.depth_mm if b is not None else None for b in out] == [36.0, 38.0, 37.0, 40.0, 39.0]
     # A second outline no deeper than the first is not taken.
-    monkeypatch.setattr(
-        segment_module,
-        "delineate_body",
-        lambda *a: BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), 15.0),
+    kept = segment_module._redelineate_shallow(
+        first, spans, lambda span: BodyMask(np.ones((1, 2, 2), bool), (0, 0), (0, 0), 15.0)
     )
-    kept = segment_module._redelineate_shallow(first, spans, None, None, None, None, 0, 4.0)
     assert kept[2] is first[2]
 
 

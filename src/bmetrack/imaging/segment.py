@@ -37,7 +37,7 @@ A classical, weight-free pipeline (no learned component, nothing downloaded):
 from __future__ import annotations
 
 import itertools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
@@ -485,11 +485,13 @@ def segment_vertebral_bodies(
                 fluid_norm[k], (1.0 / wsp[1], 1.0 / wsp[2]), mode="nearest"
             )
             grad[k] = np.sqrt(grad[k] ** 2 + g2**2)
+
+    def outline(span: BodySpan) -> BodyMask | None:
+        return delineate_body(norm, grad, frame, wall, span, mid_k, wsp[0])
+
     above_s1 = spans[: len(spans) - int(has_sacrum)]
-    bodies: list[BodyMask | None] = [
-        delineate_body(norm, grad, frame, wall, sp, mid_k, wsp[0]) for sp in above_s1
-    ]
-    bodies = _redelineate_shallow(bodies, above_s1, norm, grad, frame, wall, mid_k, wsp[0])
+    bodies: list[BodyMask | None] = [outline(sp) for sp in above_s1]
+    bodies = _redelineate_shallow(bodies, above_s1, outline)
     if has_sacrum:
         # The canal frame bends away from S1 (sacral kyphosis, frame extrapolated below the
         # thecal sac): S1 is delineated in a straight local frame along its own axis,
@@ -862,12 +864,7 @@ def _has_run(mask: npt.NDArray[np.bool_], length: int) -> bool:
 def _redelineate_shallow(
     bodies: list[BodyMask | None],
     spans: list[BodySpan],
-    norm: npt.NDArray[np.float32],
-    grad: npt.NDArray[np.float32],
-    frame: Frame,
-    wall: FloatArray,
-    mid_k: int,
-    slice_spacing_mm: float,
+    outline: Callable[[BodySpan], BodyMask | None],
 ) -> list[BodyMask | None]:
     """Outline again the bodies much shallower than their neighbours, with a deeper core.
 
@@ -890,7 +887,7 @@ def _redelineate_shallow(
             continue
         core_depth_mm = max(spans[i].core_depth_mm, expected - _CORE_FRONT_GAP_MM)
         deeper = replace(spans[i], core_depth_mm=core_depth_mm)
-        again = delineate_body(norm, grad, frame, wall, deeper, mid_k, slice_spacing_mm)
+        again = outline(deeper)
         if again is not None and again.depth_mm > body.depth_mm:
             out[i] = again
     return out

@@ -54,8 +54,6 @@ class SpineSpec:
     sacrum: bool = True
     edema_level: str | None = None
     cement_level: str | None = None
-    # Edema filling the front half of this body (an edge inside the body, front to back).
-    front_edema_level: str | None = None
     # Tissue with the marrow's signal beside this body, left and right (ribs, fatty muscle).
     marrow_beside_level: str | None = None
     # Wider bodies at some levels (mm), e.g. to reach beyond the slab sideways.
@@ -128,8 +126,6 @@ def render_spine(
         img[inner] = tissue["marrow"]
         if lev == spec.edema_level:
             img[inner & (u > -0.2 * spec.body_height_mm)] = tissue["edema"]
-        if lev == spec.front_edema_level:
-            img[inner & (v < 0.0)] = tissue["edema"]
         if lev == spec.marrow_beside_level:
             beside = (
                 (np.abs(u) < hh + spec.disc_mm) & (np.abs(x) > half_w + 1.5) & (np.abs(v) < half_d)

@@ -129,10 +129,10 @@ _MIN_CANAL_SCORE = 1.15
 # `_DEPTH_NEIGHBOURS` bodies on each side) is outlined again with its inner marker reaching
 # `_CORE_FRONT_GAP_MM` short of the neighbours' depth.
 _SHALLOW_FRACTION = 0.8
-# A body whose mask comes this close (work pixels) to the in-plane edge of the data is cut.
-_FOV_EDGE_PX = 1
 _DEPTH_NEIGHBOURS = 2
 _CORE_FRONT_GAP_MM = 5.0
+# A body whose mask comes this close (work pixels) to the in-plane edge of the data is cut.
+_FOV_EDGE_PX = 1
 
 FloatArray = npt.NDArray[np.float64]
 

@@ -263,3 +263,39 @@ def test_demo_from_synthetic_images_runs_the_whole_chain(tmp_path):
     assert sessions >= 3
     assert sources <= {"automatic"}
     assert json.loads((out / "results.json").read_text())["n_patients"] == 3
+
+
+def test_pull_warns_when_uids_are_remapped_with_the_study_code(tmp_path, monkeypatch):
+    monkeypatch.delenv("BMETRACK_UID_SECRET", raising=False)
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert invoke("db", "upgrade", "--db", url).exit_code == 0
+    # Nothing listens on the discard port: the pull fails, after the secret was chosen.
+    source = ("--dicomweb", "http://127.0.0.1:9/dicom-web", "--db", url, "--study", "PV1")
+    weak = invoke("pull", *source)
+    assert weak.exit_code == 2
+    assert "study code as the secret" in weak.output
+    assert "BMETRACK_UID_SECRET" in weak.output
+    assert "No study with code 'PV1'" in weak.output  # refused before any network traffic
+    strong = invoke("pull", *source, "--uid-secret", "kept-by-the-site")
+    assert strong.exit_code != 0
+    assert "study code as the secret" not in strong.output
+    monkeypatch.setenv("BMETRACK_UID_SECRET", "kept-by-the-site")
+    assert "study code as the secret" not in invoke("pull", *source).output
+
+
+def test_pull_of_a_study_without_patients_is_refused(tmp_path):
+    from bmetrack.study.db import make_engine, session_scope
+    from bmetrack.study.records import get_or_create_study
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    assert invoke("db", "upgrade", "--db", url).exit_code == 0
+    engine = make_engine(url)
+    with session_scope(engine) as session:
+        get_or_create_study(session, "PV1", actor="test")
+    engine.dispose()
+    result = invoke(
+        "pull", "--study", "PV1", "--dicomweb", "http://127.0.0.1:9/dicom-web", "--db", url
+    )
+    assert result.exit_code == 2
+    assert "has no patients" in result.output
+    assert "bmetrack import" in result.output

@@ -641,6 +641,23 @@ UidSecretOption = Annotated[
         help="Secret of the UID remapping (default: the study code); same on every pull.",
     ),
 ]
+
+
+def _uid_secret(study: str, given: str | None) -> str:
+    """The UID remapping secret: the one given, else the study code with a warning."""
+    if given:
+        return given
+    err_console.print(
+        "[yellow]warning:[/] UIDs are remapped with the study code as the secret: anyone who "
+        "knows the code can link the remapped UIDs to the hospital's; set "
+        "BMETRACK_UID_SECRET (or --uid-secret) to a secret the site keeps, the same on every "
+        "pull",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return study
+
+
 PseudonymMapOption = Annotated[
     Path | None,
     typer.Option(
@@ -707,7 +724,7 @@ def pull_command(
                 dimse=dimse,
                 pseudonym_map=pseudonym_map,
                 dates=dates,
-                uid_secret=uid_secret,
+                uid_secret=_uid_secret(study, uid_secret),
                 ae_title=ae_title,
                 listen_port=port,
                 retrieve=retrieve,
@@ -763,7 +780,7 @@ def listen_command(
             on_study=file_study,
             host=host,
             pseudonym_map=mapping,
-            uid_secret=study if uid_secret is None else uid_secret,
+            uid_secret=_uid_secret(study, uid_secret),
         )
 
 

@@ -20,6 +20,7 @@ from bmetrack.settings import Settings
 from bmetrack.study.db import session_scope
 from bmetrack.study.dicom_import import DicomImportReport, import_dicom, read_pseudonym_map
 from bmetrack.study.models import Patient, Study
+from bmetrack.study.records import get_study
 
 __all__ = ["pull_study", "study_patient_codes"]
 
@@ -99,8 +100,16 @@ def pull_study(
     if dicomweb is not None and method is not Retrieve.MOVE:
         msg = f"retrieve={retrieve!r} applies to dimse only; drop it for a DICOMweb pull"
         raise ValueError(msg)
+    with session_scope(engine) as session:
+        get_study(session, study_code)  # an unknown study is refused before any traffic
     mapping = None if pseudonym_map is None else read_pseudonym_map(pseudonym_map)
     patient_ids = list(mapping) if mapping else study_patient_codes(engine, study_code)
+    if not patient_ids:
+        msg = (
+            f"study {study_code!r} has no patients, so there is nothing to ask the PACS for: "
+            "import the cohort first (bmetrack import) or give a pseudonym map"
+        )
+        raise ValueError(msg)
     secret = study_code if uid_secret is None else uid_secret
     if dicomweb is not None:
         pulled = pull_dicomweb(

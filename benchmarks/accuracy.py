@@ -440,7 +440,7 @@ def plot_bland_altman(bodies: pd.DataFrame, summary: Mapping[str, Any], path: Pa
     return path
 
 
-def _fmt(value: Any, name: str = "") -> str:
+def _fmt(value: Any, name: str = "", extra_digits: int = 0) -> str:
     if isinstance(value, float):
         if math.isnan(value):
             return "n/a"
@@ -450,8 +450,9 @@ def _fmt(value: Any, name: str = "") -> str:
             or "sensitivity" in name
             or ("specificity" in name)
         ):
-            return f"{100 * value:.1f} %"
-        return f"{value:.3f}" if "dice" in name else f"{value:.2f}"
+            return f"{100 * value:.{1 + extra_digits}f} %"
+        digits = (3 if "dice" in name else 2) + extra_digits
+        return f"{value:.{digits}f}"
     return str(value)
 
 
@@ -500,7 +501,13 @@ def markdown_table(result: Mapping[str, Any]) -> str:
         for m in modes:
             cell = _fmt(summary[m][key], key)
             if key in TARGETS:
-                cell += " (met)" if summary[m]["targets"][key]["target_met"] else " (NOT met)"
+                met = summary[m]["targets"][key]["target_met"]
+                extra = 0
+                while not met and extra < 3 and cell == _fmt(float(TARGETS[key][0]), key, extra):
+                    # A missed target that looks met when rounded: one more digit.
+                    extra += 1
+                    cell = _fmt(summary[m][key], key, extra)
+                cell += " (met)" if met else " (NOT met)"
             cells.append(cell)
         lines.append(f"| {title} | {target} | {' | '.join(cells)} |")
     cfg = result["config"]

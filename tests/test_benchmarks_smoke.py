@@ -143,6 +143,25 @@ def test_summary_counts_missed_bodies_as_zero(accuracy: ModuleType) -> None:
     assert s["targets"]["bme_abs_error_median"]["target_met"] is True
 
 
+def test_table_shows_more_digits_when_a_missed_target_would_look_met(
+    accuracy: ModuleType,
+) -> None:
+    stored = json.loads((BENCHMARKS / "results" / "accuracy.json").read_text())
+    result = {"config": stored["config"], "summary": {"pipeline": stored["summary"]["pipeline"]}}
+    pipeline = result["summary"]["pipeline"]
+
+    def genant_row(value: float) -> str:
+        pipeline["genant_exact_agreement"] = value
+        pipeline["targets"]["genant_exact_agreement"]["target_met"] = value >= 0.85
+        table = accuracy.markdown_table(result)
+        return next(line for line in table.splitlines() if "Genant exact" in line)
+
+    assert "| 84.97 % (NOT met) |" in genant_row(0.8497)
+    assert "| 86.0 % (met) |" in genant_row(0.86)
+    assert "| 85.0 % (met) |" in genant_row(0.85)
+    assert "| 84.999 % (NOT met) |" in genant_row(0.84999)
+
+
 def test_accuracy_runs_on_two_tiny_phantoms(
     accuracy: ModuleType, tiny_params: PhantomParameters, tmp_path: Path
 ) -> None:

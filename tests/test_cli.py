@@ -269,7 +269,7 @@ def test_pull_warns_when_uids_are_remapped_with_the_study_code(tmp_path, monkeyp
     monkeypatch.delenv("BMETRACK_UID_SECRET", raising=False)
     url = f"sqlite:///{tmp_path / 'study.db'}"
     assert invoke("db", "upgrade", "--db", url).exit_code == 0
-    # Nothing listens on the discard port: the pull fails, after the secret was chosen.
+    # The study is unknown: the pull is refused before any traffic, after the secret was chosen.
     source = ("--dicomweb", "http://127.0.0.1:9/dicom-web", "--db", url, "--study", "PV1")
     weak = invoke("pull", *source)
     assert weak.exit_code == 2

@@ -644,18 +644,19 @@ UidSecretOption = Annotated[
 
 
 def _uid_secret(study: str, given: str | None) -> str:
-    """The UID remapping secret: the one given, else the study code with a warning."""
-    if given:
-        return given
-    err_console.print(
-        "[yellow]warning:[/] UIDs are remapped with the study code as the secret: anyone who "
-        "knows the code can link the remapped UIDs to the hospital's; set "
-        "BMETRACK_UID_SECRET (or --uid-secret) to a secret the site keeps, the same on every "
-        "pull",
-        highlight=False,
-        soft_wrap=True,
-    )
-    return study
+    """The UID remapping secret (`uid_secret_or_default`), with a warning for the default."""
+    from bmetrack.pacs.deidentify import uid_secret_or_default
+
+    if not given:
+        err_console.print(
+            "[yellow]warning:[/] UIDs are remapped with the study code as the secret: anyone "
+            "who knows the code can link the remapped UIDs to the hospital's; set "
+            "BMETRACK_UID_SECRET (or --uid-secret) to a secret the site keeps, the same on "
+            "every pull",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return uid_secret_or_default(given, study)
 
 
 PseudonymMapOption = Annotated[

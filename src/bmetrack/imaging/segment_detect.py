@@ -497,17 +497,17 @@ def detect_discs(
     profile: FloatArray,
     polarity_prior: float | None,
     step_mm: float,
-    tophat_mm: float = _DISC_TOPHAT_MM,
 ) -> Discs:
     """Disc centres along the column from the band profile.
 
-    Narrow bands (white and black top-hats, 16 mm) of the profile score discs; the polarity of
-    discs (dark on T1; mostly bright on STIR/T2) is taken from ``polarity_prior`` (-1 dark,
-    +1 bright) or, when None, from whichever polarity is more periodic.  A dynamic programme then
-    picks the chain of centres maximising score minus a spacing penalty around the period.
+    Narrow bands (white and black top-hats, `_DISC_TOPHAT_MM` long) of the profile score
+    discs; the polarity of discs (dark on T1; mostly bright on STIR/T2) is taken from
+    ``polarity_prior`` (-1 dark, +1 bright) or, when None, from whichever polarity is more
+    periodic.  A dynamic programme then picks the chain of centres maximising score minus a
+    spacing penalty around the period.
     """
     prof = ndimage.gaussian_filter1d(profile, 1.0 / step_mm, axis=0, mode="nearest")
-    size = (max(3, round(tophat_mm / step_mm)), 1)
+    size = (max(3, round(_DISC_TOPHAT_MM / step_mm)), 1)
     mad = np.median(np.abs(prof - np.median(prof, axis=0)), axis=0) * 1.4826 + 1e-6
     white = (prof - ndimage.grey_opening(prof, size=size, mode="nearest")) / mad
     black = (ndimage.grey_closing(prof, size=size, mode="nearest") - prof) / mad

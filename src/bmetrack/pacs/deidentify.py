@@ -65,6 +65,7 @@ __all__ = [
     "remap_uid",
     "restore_uids",
     "reverse_uid_map",
+    "uid_secret_or_default",
 ]
 
 
@@ -251,6 +252,12 @@ _CLEAN_DESCRIPTORS = ("113105", "Clean Descriptors Option")
 _FULL_DATES = ("113106", "Retain Longitudinal Temporal Information Full Dates Option")
 _MODIFIED_DATES = ("113107", "Retain Longitudinal Temporal Information Modified Dates Option")
 _IDENTITY_KEYWORDS = ("PatientName", "PatientID", "OtherPatientIDs", "PatientBirthName")
+
+
+def uid_secret_or_default(uid_secret: str | None, study_code: str) -> str:
+    """The UID remapping secret: ``uid_secret``, else (None or empty) the study code, which is
+    reproducible but guessable by anyone who knows the code."""
+    return uid_secret or study_code
 
 
 def remap_uid(uid: str, secret: str) -> str:

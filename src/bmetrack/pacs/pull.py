@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, select
 
+from bmetrack.pacs.deidentify import uid_secret_or_default
 from bmetrack.pacs.dicomweb import PullReport, pull_dicomweb
 from bmetrack.pacs.dimse import Retrieve, parse_retrieve, pull_dimse
 from bmetrack.settings import Settings
@@ -28,8 +29,10 @@ DateRange = tuple[dt.date | str | None, dt.date | str | None]
 
 
 def study_patient_codes(engine: Engine, study_code: str) -> list[str]:
-    """The patient codes of study ``study_code`` (sorted)."""
+    """The patient codes of study ``study_code`` (sorted); RecordNotFoundError for an unknown
+    study."""
     with session_scope(engine) as session:
+        get_study(session, study_code)
         codes = session.scalars(
             select(Patient.code)
             .join(Study, Patient.study_id == Study.id)
@@ -78,8 +81,8 @@ def pull_study(
     dates : (start, end), optional
         Study date range (inclusive).
     uid_secret : str, optional
-        Secret of the UID remapping; default the study code (reproducible but guessable: give
-        a real secret, and the same one on every pull).
+        Secret of the UID remapping; default (None or empty) the study code (reproducible but
+        guessable: give a real secret, and the same one on every pull).
     deidentify : bool
         False files the PACS's data unchanged (the map is then used by the import).
     ae_title, listen_port : str, int
@@ -92,6 +95,13 @@ def pull_study(
     Returns
     -------
     (PullReport, DicomImportReport)
+
+    Raises
+    ------
+    RecordNotFoundError
+        For an unknown study, before any network traffic.
+    ValueError
+        For a study without patients (and no map), or inconsistent source options.
     """
     if (dicomweb is None) == (dimse is None):
         msg = "give exactly one source: dicomweb (a URL) or dimse (HOST:PORT:AET)"
@@ -100,17 +110,17 @@ def pull_study(
     if dicomweb is not None and method is not Retrieve.MOVE:
         msg = f"retrieve={retrieve!r} applies to dimse only; drop it for a DICOMweb pull"
         raise ValueError(msg)
-    with session_scope(engine) as session:
-        get_study(session, study_code)  # an unknown study is refused before any traffic
+    # An unknown study, or one without patients, is refused before any traffic.
+    codes = study_patient_codes(engine, study_code)
     mapping = None if pseudonym_map is None else read_pseudonym_map(pseudonym_map)
-    patient_ids = list(mapping) if mapping else study_patient_codes(engine, study_code)
+    patient_ids = list(mapping) if mapping else codes
     if not patient_ids:
         msg = (
             f"study {study_code!r} has no patients, so there is nothing to ask the PACS for: "
             "import the cohort first (bmetrack import) or give a pseudonym map"
         )
         raise ValueError(msg)
-    secret = study_code if uid_secret is None else uid_secret
+    secret = uid_secret_or_default(uid_secret, study_code)
     if dicomweb is not None:
         pulled = pull_dicomweb(
             dicomweb,
